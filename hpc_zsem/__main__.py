@@ -1,0 +1,3 @@
+from hpc_zsem.cli import main
+
+raise SystemExit(main())
