@@ -1,0 +1,72 @@
+"""The contract between the training/estimation pipeline and a generative patch model.
+
+A model knows nothing of MPI, files or configs: it takes arrays and returns arrays or statistics.
+The pipeline (``hpc_zsem.pipeline``) drives it like this, identically on every rank::
+
+    summary = PatchSummary.from_patches(Y_local) (+ allreduce)   # global N, Σy, Σy²
+    sample  = deterministic global sample of patches (allgathered)
+    params  = model.init_params(summary, sample, rng)           # identical on every rank
+    state_b = model.init_block_state(Y_b, params, rng_b)        # per block of patches (e.g. truncated sets)
+    repeat epochs:
+        for each local block b:  state_b, stats_b = model.e_step(Y_b, params, state_b, rng_b)
+        stats  = allreduce(Σ_b stats_b)                         # a dict of float64 arrays, O(H·D + H²)
+        params = model.m_step(params, stats)                    # identical on every rank
+    for each local block b:  Ŷ_b = model.estimate(Y_b, params, state_b)   # (N_b, D) clean-patch estimates
+
+Every ``rng_b`` is keyed by (seed, stage, epoch, global block index), so results do not depend on the number
+of ranks. ``stats`` always holds ``"free_energy"`` (Σ_n of the per-patch free energy, shape ()) and ``"N"``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PatchSummary:
+    """Global first and second moments of the patches: what a data-driven initialisation needs."""
+
+    n: int                 # number of patches
+    sum: np.ndarray        # (D,) Σ_n y_n
+    sum_sq: np.ndarray     # (D,) Σ_n y_n²
+
+    @classmethod
+    def from_patches(cls, Y: np.ndarray) -> "PatchSummary":
+        Y = np.asarray(Y, dtype=np.float64)
+        return cls(n=Y.shape[0], sum=Y.sum(axis=0), sum_sq=np.einsum("nd,nd->d", Y, Y))
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / self.n
+
+    @property
+    def variance(self) -> np.ndarray:
+        """Per-pixel (per patch dimension) population variance of the patches."""
+        return np.maximum(self.sum_sq / self.n - self.mean**2, 0.0)
+
+
+Stats = dict[str, np.ndarray]
+
+
+class PatchModel(Protocol):
+    """What the pipeline needs from a model. Parameters are a dict of float64 arrays (stored in outputs
+    and checkpoints as they are); the per-block variational state is model-specific (``None`` for models
+    with exact posteriors)."""
+
+    name: str
+
+    def init_params(self, summary: PatchSummary, sample: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]: ...
+
+    def init_block_state(self, Y: np.ndarray, params: dict[str, np.ndarray], rng: np.random.Generator) -> Any: ...
+
+    def e_step(self, Y: np.ndarray, params: dict[str, np.ndarray], state: Any, rng: np.random.Generator) -> tuple[Any, Stats]: ...
+
+    def m_step(self, params: dict[str, np.ndarray], stats: Stats) -> dict[str, np.ndarray]: ...
+
+    def estimate(self, Y: np.ndarray, params: dict[str, np.ndarray], state: Any) -> np.ndarray: ...
+
+    def noise_variance(self, params: dict[str, np.ndarray]) -> float:
+        """A scalar for the progress line (σ² for SSSC; NaN where a model has none)."""
+        ...
