@@ -1,0 +1,174 @@
+"""The result HDF5 file (format_version 1), written atomically.
+
+Layout::
+
+    /mean, /variance, /input   float32 (Y, X), chunks <= (256, 256), gzip 4 + shuffle, attrs axes="YX"
+    /params/<name>             float64 arrays (model parameters)
+    /history/<name>            1-D float64 arrays of equal length (epoch, free_energy, sigma2, ...)
+    root attrs                 format="hpc_zsem-result", format_version=1, plus every metadata key
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from hpc_zsem.errors import InputError, OutputError
+
+FORMAT = "hpc_zsem-result"
+FORMAT_VERSION = 1
+IMAGES = ("mean", "variance", "input")
+_RESERVED = ("format", "format_version")
+_CHUNK = 256
+
+
+def check_output_path(path: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse (OutputError) an output whose directory is missing or not writable, or that exists
+    without ``overwrite``."""
+    path = Path(path)
+    parent = path.parent
+    if not parent.is_dir():
+        raise OutputError(f"{path}: directory '{parent}' does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{path}: directory '{parent}' is not writable")
+    if path.is_dir():
+        raise OutputError(f"{path}: is a directory; expected a file name")
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path}: exists; pass --overwrite to replace it")
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or directory's) data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_h5_write(path: str | os.PathLike, writer: Callable[[h5py.File], None]) -> None:
+    """Create ``path`` as an HDF5 file filled by ``writer``, atomically.
+
+    The file is written as ``<name>.tmp-<pid>`` in the same directory, fsynced, then renamed over ``path``;
+    if anything fails the temporary file is removed and an existing ``path`` is left untouched.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            writer(f)
+            f.flush()
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)
+
+
+def _image_dataset(f: h5py.File, name: str, image: np.ndarray) -> None:
+    """A chunked, compressed float32 (Y, X) dataset."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D image, got shape {image.shape}")
+    chunks = tuple(max(1, min(_CHUNK, n)) for n in image.shape)
+    ds = f.create_dataset(name, data=image, chunks=chunks, compression="gzip", compression_opts=4, shuffle=True)
+    ds.attrs["axes"] = "YX"
+
+
+def _history_arrays(history: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """History columns as 1-D float64 arrays, checked to have equal lengths."""
+    arrays = {k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in history.items()}
+    lengths = {len(a) for a in arrays.values()}
+    if len(lengths) > 1:
+        raise ValueError(f"history columns have different lengths: { {k: len(a) for k, a in arrays.items()} }")
+    return arrays
+
+
+def _attr_value(key: str, value: Any) -> Any:
+    """A metadata value as an HDF5 attribute (lists of strings become variable-length string arrays)."""
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return np.array(value, dtype=h5py.string_dtype())
+    if isinstance(value, (str, int, float, bool, np.generic, list, tuple, np.ndarray)):
+        return value
+    raise TypeError(f"metadata {key!r}: expected str, int, float or list, got {type(value).__name__}")
+
+
+def _write_metadata(f: h5py.File, metadata: Mapping[str, Any]) -> None:
+    """Root attributes: the format markers and every metadata key (None values are omitted)."""
+    clash = [k for k in metadata if k in _RESERVED]
+    if clash:
+        raise ValueError(f"metadata keys {clash} are reserved")
+    f.attrs["format"] = FORMAT
+    f.attrs["format_version"] = FORMAT_VERSION
+    for key, value in metadata.items():
+        if value is not None:
+            f.attrs[key] = _attr_value(key, value)
+
+
+def write_result(path: str | os.PathLike, *, mean: np.ndarray, variance: np.ndarray, noisy: np.ndarray,
+                 params: Mapping[str, np.ndarray], history: Mapping[str, Any], metadata: Mapping[str, Any],
+                 overwrite: bool = False) -> None:
+    """Write a result file atomically (see the module docstring for the layout).
+
+    Raises OutputError if the path is refused by :func:`check_output_path`.
+    """
+    check_output_path(path, overwrite)
+    columns = _history_arrays(history)
+
+    def writer(f: h5py.File) -> None:
+        for name, image in zip(IMAGES, (mean, variance, noisy)):
+            _image_dataset(f, name, image)
+        for name, value in params.items():
+            f.create_dataset(f"params/{name}", data=np.asarray(value, dtype=np.float64))
+        for name, column in columns.items():
+            f.create_dataset(f"history/{name}", data=column)
+        f.require_group("params")
+        f.require_group("history")
+        _write_metadata(f, metadata)
+
+    atomic_h5_write(path, writer)
+
+
+def _plain(value: Any) -> Any:
+    """An HDF5 attribute value as builtins (str, int, float, bool, list)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _open_result(path: Path) -> h5py.File:
+    """Open a result file for reading, refusing anything that is not one (InputError)."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise InputError(f"{path}: not an HDF5 file") from None
+    version = f.attrs.get("format_version")
+    if _plain(f.attrs.get("format")) != FORMAT or not all(n in f for n in IMAGES):
+        f.close()
+        raise InputError(f"{path}: not a hpc_zsem result file")
+    if version is None or int(version) > FORMAT_VERSION:
+        f.close()
+        raise InputError(f"{path}: result format_version {version} is not supported (expected <= {FORMAT_VERSION})")
+    return f
+
+
+def read_result(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a result file: keys mean, variance, input (arrays), params, history (dicts of arrays) and
+    metadata (dict of all root attributes, as builtins)."""
+    with _open_result(Path(path)) as f:
+        out: dict[str, Any] = {name: f[name][()] for name in IMAGES}
+        out["params"] = {k: v[()] for k, v in f["params"].items()}
+        out["history"] = {k: v[()] for k, v in f["history"].items()}
+        out["metadata"] = {k: _plain(v) for k, v in f.attrs.items()}
+    return out

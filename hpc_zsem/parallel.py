@@ -1,0 +1,157 @@
+"""Everything MPI: the only module that imports mpi4py.
+
+``get_comm()`` returns an ``MPIComm`` when the program runs on several ranks and a ``SerialComm`` otherwise
+(a run without ``mpiexec`` is simply one rank; models and tests need no MPI). Both offer the few collectives
+the pipeline needs, on float64 arrays and picklable objects:
+
+- ``allreduce_stats`` sums a dict of arrays over ranks in ONE message (the sufficient statistics per epoch);
+- ``reduce_sum`` sums arrays onto rank 0 (pixel accumulators);
+- ``bcast`` / ``allgather`` for small objects;
+- ``abort`` ends every rank with a message and an exit code.
+
+Work is split in fixed global blocks of patches (``block_ranges``); each rank owns a contiguous run of whole
+blocks (``shard``), the remainder going to the low ranks. Random numbers are keyed by (seed, stage, epoch,
+global block) in ``block_rng``, so the result does not depend on the number of ranks.
+"""
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import sys
+import traceback
+from typing import Any
+
+import numpy as np
+
+STAGE_INIT, STAGE_TRAIN, STAGE_ESTIMATE, STAGE_PARAMS, STAGE_SAMPLE = range(5)
+
+
+def block_ranges(n_items: int, block_size: int) -> list[tuple[int, int]]:
+    """Fixed global blocks [start, stop) of ``block_size`` items (the last one shorter)."""
+    return [(start, min(start + block_size, n_items)) for start in range(0, n_items, block_size)]
+
+
+def shard(n_items: int, rank: int, size: int) -> range:
+    """The contiguous indices of ``n_items`` that ``rank`` of ``size`` owns; the remainder goes to low ranks."""
+    base, extra = divmod(n_items, size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+def block_rng(seed: int, stage: int, epoch: int, block: int) -> np.random.Generator:
+    """Generator for one global block of patches at one (stage, epoch): identical on any number of ranks."""
+    return np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, stage, epoch, block])))
+
+
+def _flatten(stats: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray]:
+    names = sorted(stats)
+    return names, np.concatenate([np.asarray(stats[k], dtype=np.float64).ravel() for k in names])
+
+
+def _unflatten(names: list[str], like: dict[str, np.ndarray], flat: np.ndarray) -> dict[str, np.ndarray]:
+    out, pos = {}, 0
+    for k in names:
+        shape = np.shape(like[k])
+        n = int(np.prod(shape))
+        out[k] = flat[pos:pos + n].reshape(shape)
+        pos += n
+    return out
+
+
+class SerialComm:
+    """One rank, no MPI."""
+
+    rank = 0
+    size = 1
+
+    def allreduce_stats(self, stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v, dtype=np.float64) for k, v in stats.items()}
+
+    def reduce_sum(self, array: np.ndarray) -> np.ndarray | None:
+        return array
+
+    def bcast(self, obj: Any) -> Any:
+        return obj
+
+    def allgather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
+
+    def abort(self, message: str, code: int = 1) -> None:
+        print(message, file=sys.stderr, flush=True)
+        raise SystemExit(code)
+
+
+class MPIComm:
+    """Several ranks over ``MPI.COMM_WORLD``."""
+
+    def __init__(self, mpi_module):
+        self._MPI = mpi_module
+        self._comm = mpi_module.COMM_WORLD
+        self.rank = self._comm.Get_rank()
+        self.size = self._comm.Get_size()
+
+    def allreduce_stats(self, stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names, flat = _flatten(stats)
+        total = np.empty_like(flat)
+        self._comm.Allreduce(flat, total, op=self._MPI.SUM)
+        return _unflatten(names, stats, total)
+
+    def reduce_sum(self, array: np.ndarray) -> np.ndarray | None:
+        array = np.ascontiguousarray(array, dtype=np.float64)
+        out = np.empty_like(array) if self.rank == 0 else None
+        self._comm.Reduce(array, out, op=self._MPI.SUM, root=0)
+        return out
+
+    def bcast(self, obj: Any) -> Any:
+        return self._comm.bcast(obj, root=0)
+
+    def allgather(self, obj: Any) -> list[Any]:
+        return self._comm.allgather(obj)
+
+    def barrier(self) -> None:
+        self._comm.Barrier()
+
+    def abort(self, message: str, code: int = 1) -> None:
+        print(f"[rank {self.rank}] {message}", file=sys.stderr, flush=True)
+        self._comm.Abort(code)
+
+
+def get_comm() -> SerialComm | MPIComm:
+    """The communicator of this run. Refuses N copies of a serial program: under SLURM with
+    SLURM_NTASKS > 1 a world of size 1 means the launcher did not wire up MPI (no PMI)."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        MPI = None
+    size = MPI.COMM_WORLD.Get_size() if MPI is not None else 1
+    tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
+    if size == 1 and tasks > 1 and os.environ.get("SLURM_STEP_ID") is not None:
+        raise SystemExit(f"hpc-zsem: SLURM started {tasks} tasks but MPI sees only 1 rank: the launcher has no "
+                         "PMI support for this MPI (try `srun --mpi=pmi2` or `mpiexec`); refusing to compute "
+                         f"the same job {tasks} times")
+    return MPIComm(MPI) if size > 1 else SerialComm()
+
+
+def install_abort_on_exception(comm: SerialComm | MPIComm) -> None:
+    """An uncaught exception on any rank prints its traceback and aborts every rank (MPI would otherwise hang
+    the job in the next collective). ``kill -USR2`` (or ``scancel --signal=USR2``) dumps every rank's stack."""
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
+    if comm.size == 1:
+        return
+
+    def hook(exc_type, exc, tb):
+        text = "".join(traceback.format_exception(exc_type, exc, tb))
+        comm.abort(f"uncaught exception, aborting all {comm.size} ranks:\n{text}", 1)
+
+    sys.excepthook = hook
+
+
+def limit_blas_threads(n: int = 1):
+    """Pin BLAS to ``n`` threads per rank (several ranks with default BLAS threads run ~10× slower)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=n)

@@ -1,0 +1,95 @@
+"""Overlapping patches of an image and the per-pixel accumulators that merge patch estimates.
+
+Patches of size (h, w) sit on a grid of top-left corners with the given stride; the last row/column of
+corners is always included so that every pixel is covered. Patch n (global, row-major over the corner grid)
+has corner (ys[n // nx], xs[n % nx]) and is flattened row-major into a vector of D = h·w pixels.
+
+Merging (DESIGN.md §1.3): every pixel keeps count, Σ(ŷ − y) and Σ(ŷ − y)², shifted by the noisy pixel value y
+for numerical safety; mean = y + Σ(ŷ−y)/count, variance = Σ(ŷ−y)²/count − (Σ(ŷ−y)/count)² (the population
+variance of the estimates that cover the pixel). Sums over any split of the patches add up exactly, so the
+merge does not depend on how patches are sharded or tiled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+
+def _corners(length: int, size: int, stride: int) -> np.ndarray:
+    last = length - size
+    corners = np.arange(0, last + 1, stride)
+    if corners[-1] != last:
+        corners = np.append(corners, last)
+    return corners
+
+
+@dataclass(frozen=True)
+class PatchGrid:
+    """The geometry of all patches of a 2-D image."""
+
+    image_shape: tuple[int, int]
+    size: tuple[int, int]
+    stride: int = 1
+
+    def __post_init__(self):
+        if any(p > n for p, n in zip(self.size, self.image_shape)):
+            raise ValueError(f"patch size {self.size} is larger than the image {self.image_shape}")
+
+    @cached_property
+    def ys(self) -> np.ndarray:
+        return _corners(self.image_shape[0], self.size[0], self.stride)
+
+    @cached_property
+    def xs(self) -> np.ndarray:
+        return _corners(self.image_shape[1], self.size[1], self.stride)
+
+    @property
+    def n_patches(self) -> int:
+        return self.ys.size * self.xs.size
+
+    @property
+    def dim(self) -> int:
+        return self.size[0] * self.size[1]
+
+    def corners(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-left (y, x) of patches start..stop-1."""
+        iy, ix = np.divmod(np.arange(start, stop), self.xs.size)
+        return self.ys[iy], self.xs[ix]
+
+    def pixel_index(self, start: int, stop: int) -> np.ndarray:
+        """Flat image index of every pixel of patches start..stop-1, shape (n, D)."""
+        y, x = self.corners(start, stop)
+        h, w = self.size
+        offsets = (np.arange(h)[:, None] * self.image_shape[1] + np.arange(w)[None, :]).ravel()
+        return (y * self.image_shape[1] + x)[:, None] + offsets[None, :]
+
+    def extract(self, image: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """Patches start..stop-1 of ``image`` as an (n, D) float64 array."""
+        return np.asarray(image, dtype=np.float64).ravel()[self.pixel_index(start, stop)]
+
+
+class PixelAccumulator:
+    """count, Σ(ŷ − y), Σ(ŷ − y)² per pixel in float64, stacked as one (3, Y, X) array for a single reduction."""
+
+    def __init__(self, image_shape: tuple[int, int]):
+        self.sums = np.zeros((3,) + tuple(image_shape))
+
+    def add(self, grid: PatchGrid, start: int, stop: int, noisy: np.ndarray, estimates: np.ndarray) -> None:
+        """Add the estimates (n, D) of patches start..stop-1 whose noisy values are ``noisy`` (n, D)."""
+        index = grid.pixel_index(start, stop).ravel()
+        npix = self.sums[0].size
+        diff = (estimates - noisy).ravel()
+        self.sums[0].ravel()[:] += np.bincount(index, minlength=npix)
+        self.sums[1].ravel()[:] += np.bincount(index, weights=diff, minlength=npix)
+        self.sums[2].ravel()[:] += np.bincount(index, weights=diff * diff, minlength=npix)
+
+    @staticmethod
+    def finish(sums: np.ndarray, noisy_image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and population variance per pixel from merged sums."""
+        count, s1, s2 = sums
+        if np.any(count == 0):
+            raise ValueError("some pixels are covered by no patch")
+        shift = s1 / count
+        return noisy_image + shift, np.maximum(s2 / count - shift**2, 0.0)
