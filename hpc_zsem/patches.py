@@ -53,21 +53,21 @@ class PatchGrid:
     def dim(self) -> int:
         return self.size[0] * self.size[1]
 
-    def corners(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-left (y, x) of patches start..stop-1."""
-        iy, ix = np.divmod(np.arange(start, stop), self.xs.size)
+    def corners(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Top-left (y, x) of the patches with the given global indices."""
+        iy, ix = np.divmod(np.asarray(patches), self.xs.size)
         return self.ys[iy], self.xs[ix]
 
-    def pixel_index(self, start: int, stop: int) -> np.ndarray:
-        """Flat image index of every pixel of patches start..stop-1, shape (n, D)."""
-        y, x = self.corners(start, stop)
+    def pixel_index(self, patches: np.ndarray) -> np.ndarray:
+        """Flat image index of every pixel of the given patches, shape (n, D)."""
+        y, x = self.corners(patches)
         h, w = self.size
         offsets = (np.arange(h)[:, None] * self.image_shape[1] + np.arange(w)[None, :]).ravel()
         return (y * self.image_shape[1] + x)[:, None] + offsets[None, :]
 
-    def extract(self, image: np.ndarray, start: int, stop: int) -> np.ndarray:
-        """Patches start..stop-1 of ``image`` as an (n, D) float64 array."""
-        return np.asarray(image, dtype=np.float64).ravel()[self.pixel_index(start, stop)]
+    def extract(self, image: np.ndarray, patches: np.ndarray) -> np.ndarray:
+        """The given patches of ``image`` as an (n, D) float64 array."""
+        return np.asarray(image, dtype=np.float64).ravel()[self.pixel_index(patches)]
 
 
 class PixelAccumulator:
@@ -76,9 +76,9 @@ class PixelAccumulator:
     def __init__(self, image_shape: tuple[int, int]):
         self.sums = np.zeros((3,) + tuple(image_shape))
 
-    def add(self, grid: PatchGrid, start: int, stop: int, noisy: np.ndarray, estimates: np.ndarray) -> None:
-        """Add the estimates (n, D) of patches start..stop-1 whose noisy values are ``noisy`` (n, D)."""
-        index = grid.pixel_index(start, stop).ravel()
+    def add(self, grid: PatchGrid, patches: np.ndarray, noisy: np.ndarray, estimates: np.ndarray) -> None:
+        """Add the estimates (n, D) of the given patches whose noisy values are ``noisy`` (n, D)."""
+        index = grid.pixel_index(patches).ravel()
         npix = self.sums[0].size
         diff = (estimates - noisy).ravel()
         self.sums[0].ravel()[:] += np.bincount(index, minlength=npix)

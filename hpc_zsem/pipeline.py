@@ -1,0 +1,226 @@
+"""The train and estimate loops: config → image → patches (this rank's shard) → EM → per-pixel mean/variance.
+
+Identical on every rank except for the blocks of patches each rank owns::
+
+    train:    repeat { E-step on local blocks ─▶ allreduce statistics ─▶ M-step (same on every rank) }
+    estimate: E-steps with Θ frozen ─▶ patch estimates ─▶ pixel accumulators ─▶ reduce to rank 0 ─▶ HDF5
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hpc_zsem import __version__
+from hpc_zsem.config import Config
+from hpc_zsem.intensity import estimate_gain_offset, from_counts_mean_variance, to_counts
+from hpc_zsem.io.images import file_checksum, image_shape, read_image, resolve_input_path
+from hpc_zsem.io.results import check_output_path, write_result
+from hpc_zsem.models import PatchModel, PatchSummary, build_model
+from hpc_zsem.parallel import (STAGE_ESTIMATE, STAGE_INIT, STAGE_PARAMS, STAGE_SAMPLE, STAGE_TRAIN,
+                               block_ranges, block_rng, shard)
+from hpc_zsem.patches import PatchGrid, PixelAccumulator
+from hpc_zsem.errors import InputError
+
+log = logging.getLogger("hpc_zsem")
+
+INIT_SAMPLE = 4096   # patches drawn (identically on every rank) for model initialisations that need a sample
+
+
+@dataclass
+class Block:
+    """A fixed global block of patches owned by this rank, with its data and variational state."""
+
+    index: int
+    start: int
+    stop: int
+    Y: np.ndarray
+    state: Any = None
+
+
+@dataclass
+class History:
+    """Per-epoch progress, stored in the result file."""
+
+    rows: dict[str, list[float]] = field(default_factory=lambda: {
+        "epoch": [], "free_energy": [], "sigma2": [], "accepted": [], "seconds": []})
+
+    def append(self, **values: float) -> None:
+        for key, value in values.items():
+            self.rows[key].append(float(value))
+
+
+@dataclass(frozen=True)
+class IntensityMap:
+    """counts = (intensity − offset)/gain for count models (GPMM); the identity for SSSC."""
+
+    gain: float = 1.0
+    offset: float = 0.0
+
+
+def preflight(config: Config, overwrite: bool) -> None:
+    """Cheap checks before any heavy work (run on rank 0): output writable, input readable and large enough."""
+    check_output_path(config.output.path, overwrite)
+    shape = image_shape(config.input.path, section=config.input.section)
+    crop = config.input.crop
+    if crop is not None and (crop[1] > shape[0] or crop[3] > shape[1]):
+        raise InputError(f"{config.input.path}: input.crop {list(crop)} lies outside the image of shape {shape}")
+    if crop is not None:
+        shape = (crop[1] - crop[0], crop[3] - crop[2])
+    k = config.input.downsample
+    shape = (-(-shape[0] // k), -(-shape[1] // k))
+    h, w = config.patches.size
+    if h > shape[0] or w > shape[1]:
+        raise InputError(f"{config.input.path}: the image ({shape[0]}×{shape[1]} after crop/downsample) is "
+                         f"smaller than patches.size {[h, w]}")
+
+
+def _intensity_map(config: Config, image: np.ndarray) -> IntensityMap:
+    if config.model.name != "gpmm":
+        return IntensityMap()
+    gain, offset = config.input.gain, config.input.offset
+    if gain is None or offset is None:
+        est_gain, est_offset = estimate_gain_offset(image)
+        gain = est_gain if gain is None else gain
+        offset = est_offset if offset is None else offset
+        log.info("estimated intensity → counts mapping from flat regions: gain %.4g, offset %.4g", gain, offset)
+    return IntensityMap(float(gain), float(offset))
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Run:
+    """One run of the pipeline on one rank of ``comm``."""
+
+    def __init__(self, config: Config, comm):
+        self.config = config
+        self.comm = comm
+        self.model: PatchModel = build_model(config)
+        raw = read_image(config.input.path, section=config.input.section, crop=config.input.crop,
+                         downsample=config.input.downsample)
+        self.noisy = raw
+        self.intensity = _intensity_map(config, raw)
+        self.image = raw
+        if self.intensity != IntensityMap():
+            self.image, clipped = to_counts(raw, self.intensity.gain, self.intensity.offset)
+            if clipped:
+                log.warning("%d pixels were negative after subtracting the offset %.4g and were clipped to 0",
+                            clipped, self.intensity.offset)
+        self.grid = PatchGrid(self.image.shape, tuple(config.patches.size), config.patches.stride)
+        all_blocks = block_ranges(self.grid.n_patches, config.training.block_size)
+        mine = shard(len(all_blocks), comm.rank, comm.size)
+        self.blocks = [Block(b, *all_blocks[b], self.grid.extract(self.image, np.arange(*all_blocks[b])))
+                       for b in mine]
+        self.n_patches = self.grid.n_patches
+        self.history = History()
+        self.params: dict[str, np.ndarray] = {}
+
+    # ---------------------------------------------------------------- training
+    def initialise(self) -> None:
+        """Θ from global patch moments and a global patch sample (identical on every rank), then the
+        per-block variational states."""
+        local = [PatchSummary.from_patches(b.Y) for b in self.blocks]
+        stats = self.comm.allreduce_stats({
+            "n": np.array(float(sum(s.n for s in local))),
+            "sum": sum((s.sum for s in local), np.zeros(self.grid.dim)),
+            "sum_sq": sum((s.sum_sq for s in local), np.zeros(self.grid.dim))})
+        summary = PatchSummary(int(stats["n"]), stats["sum"], stats["sum_sq"])
+        seed = self.config.training.seed
+        pick = block_rng(seed, STAGE_SAMPLE, 0, 0).choice(self.n_patches, min(INIT_SAMPLE, self.n_patches), replace=False)
+        sample = self.grid.extract(self.image, np.sort(pick))
+        self.params = self.model.init_params(summary, sample, block_rng(seed, STAGE_PARAMS, 0, 0))
+        for b in self.blocks:
+            b.state = self.model.init_block_state(b.Y, self.params, block_rng(seed, STAGE_INIT, 0, b.index))
+
+    def e_step(self, stage: int, epoch: int) -> dict[str, np.ndarray]:
+        """One E-step over the local blocks; returns the globally summed statistics."""
+        total: dict[str, np.ndarray] = {}
+        for b in self.blocks:
+            b.state, stats = self.model.e_step(b.Y, self.params, b.state,
+                                               block_rng(self.config.training.seed, stage, epoch, b.index))
+            for key, value in stats.items():
+                total[key] = total[key] + value if key in total else np.asarray(value, dtype=np.float64)
+        return self.comm.allreduce_stats(total)
+
+    def train(self) -> None:
+        epochs = self.config.training.epochs
+        for epoch in range(1, epochs + 1):
+            t0 = time.perf_counter()
+            stats = self.e_step(STAGE_TRAIN, epoch)
+            sigma2 = self.model.noise_variance(self.params)
+            self.params = self.model.m_step(self.params, stats)
+            seconds = time.perf_counter() - t0
+            free_energy = float(stats["free_energy"]) / float(stats["N"])
+            accepted = float(stats.get("accepted", 0.0))
+            self.history.append(epoch=epoch, free_energy=free_energy, sigma2=sigma2, accepted=accepted,
+                                seconds=seconds)
+            if epoch % self.config.logging.every_epochs == 0 or epoch == epochs:
+                self._progress(epoch, epochs, free_energy, sigma2, accepted, seconds)
+
+    def _progress(self, epoch: int, epochs: int, free_energy: float, sigma2: float, accepted: float,
+                  seconds: float) -> None:
+        per_epoch = float(np.mean(self.history.rows["seconds"]))
+        left = per_epoch * (epochs - epoch + self.config.estimation.epochs + 1)
+        states = self.n_patches * (self.config.truncation.S if self.model.name == "sssc" else 1)
+        sigma = f"sigma={np.sqrt(sigma2):.4g}" if np.isfinite(sigma2) else "sigma=n/a"
+        log.info("epoch %d/%d  F/N=%.6g  %s  accepted=%d (%.2f%%)  %.2fs  %.0f patches/s  left ~%s",
+                 epoch, epochs, free_energy, sigma, accepted, 100.0 * accepted / states, seconds,
+                 self.n_patches / seconds, _format_seconds(left))
+
+    # ---------------------------------------------------------------- estimation
+    def estimate(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """E-steps with Θ frozen, then every patch's estimate merged per pixel; (mean, variance) on rank 0
+        (in input intensity units), None elsewhere."""
+        t0 = time.perf_counter()
+        for epoch in range(1, self.config.estimation.epochs + 1):
+            self.e_step(STAGE_ESTIMATE, epoch)
+        accumulator = PixelAccumulator(self.grid.image_shape)
+        for b in self.blocks:
+            accumulator.add(self.grid, np.arange(b.start, b.stop), b.Y, self.model.estimate(b.Y, self.params, b.state))
+        sums = self.comm.reduce_sum(accumulator.sums)
+        log.info("estimation: %d E-steps with frozen parameters and the merge took %.1fs",
+                 self.config.estimation.epochs, time.perf_counter() - t0)
+        if sums is None:
+            return None
+        mean, variance = PixelAccumulator.finish(sums, self.image)
+        if self.intensity != IntensityMap():
+            mean, variance = from_counts_mean_variance(mean, variance, self.intensity.gain, self.intensity.offset)
+        return mean, variance
+
+    def metadata(self, started: str, seconds: float) -> dict[str, Any]:
+        c = self.config
+        return {"version": __version__, "model": c.model.name, "config": c.to_yaml(), "config_hash": c.hash(),
+                "created": started, "runtime_seconds": seconds, "ranks": self.comm.size, "seed": c.training.seed,
+                "input_path": str(resolve_input_path(c.input.path)), "input_checksum": file_checksum(c.input.path),
+                "patch_size": list(c.patches.size), "n_patches": self.n_patches,
+                "intensity_gain": self.intensity.gain, "intensity_offset": self.intensity.offset}
+
+
+def run(config: Config, comm, overwrite: bool = False) -> None:
+    """Train, estimate and write the result file (rank 0). Expected errors raise ``HpcZsemError``."""
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    t0 = time.perf_counter()
+    job = Run(config, comm)
+    log.info("hpc-zsem %s: %s on %s (%d×%d pixels), %d patches of %d×%d, %d rank(s), %d local block(s)",
+             __version__, config.model.name, config.input.path, *job.grid.image_shape, job.n_patches,
+             *config.patches.size, comm.size, len(job.blocks))
+    job.initialise()
+    job.train()
+    merged = job.estimate()
+    if merged is None:
+        return
+    mean, variance = merged
+    write_result(config.output.path, mean=mean, variance=variance, noisy=job.noisy, params=job.params,
+                 history=job.history.rows, metadata=job.metadata(started, time.perf_counter() - t0),
+                 overwrite=overwrite)
+    log.info("wrote %s (mean, variance %d×%d) in %s", config.output.path, *mean.shape,
+             _format_seconds(time.perf_counter() - t0))
