@@ -50,6 +50,15 @@ def first_occurrence(words: np.ndarray) -> np.ndarray:
     lexicographic sort over (row, words) groups equal states of a row with the earliest first.
     """
     N, C, W = words.shape
+    if W == 1:   # one word per state: a stable sort within each row is enough (and ~3× faster)
+        order = np.argsort(words[:, :, 0], axis=1, kind="stable")
+        ordered = np.take_along_axis(words[:, :, 0], order, axis=1)
+        starts = np.ones((N, C), dtype=bool)
+        starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+        group_start = np.maximum.accumulate(np.where(starts, np.arange(C), 0), axis=1)
+        rep = np.empty((N, C), dtype=np.int64)
+        np.put_along_axis(rep, order, np.take_along_axis(order, group_start, axis=1), axis=1)
+        return rep
     flat = words.reshape(N * C, W)
     rows = np.repeat(np.arange(N), C)
     keys = [flat[:, w] for w in range(W - 1, -1, -1)] + [rows]

@@ -1,0 +1,48 @@
+"""End to end through the CLI on real EM content: quality, output file contents, refusals."""
+import h5py
+import numpy as np
+import pytest
+
+from conftest import REPO, psnr, run_cli
+from hpc_zsem.io.images import read_image
+
+SMALL = ["--set", "model.H=24", "--set", "truncation.S=20", "--set", "truncation.parents=8",
+         "--set", "truncation.children=2", "--set", "patches.size=[6,6]", "--set", "estimation.epochs=3"]
+
+
+@pytest.mark.slow
+def test_denoises_em_crop_by_more_than_3db(em_crop, tmp_path):
+    clean, noisy_path = em_crop
+    out = tmp_path / "result.h5"
+    proc = run_cli(["run", "configs/demo.yaml", "--set", f"input.path={noisy_path}", "--set", f"output.path={out}",
+                    "--set", "training.epochs=25", *SMALL], cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "epoch 25/25" in proc.stdout and "patches/s" in proc.stdout
+    with h5py.File(out) as f:
+        mean, variance = f["mean"][:], f["variance"][:]
+        assert mean.dtype == np.float32 and mean.shape == clean.shape == variance.shape
+        history = {k: f["history"][k][:] for k in f["history"]}
+        assert f.attrs["ranks"] == 1 and f.attrs["input_checksum"].startswith("sha256:")
+        assert "model:" in f.attrs["config"]
+        sigma_learned = np.sqrt(f["params/sigma2"][()])
+    noisy = read_image(noisy_path)
+    gain = psnr(mean, clean) - psnr(noisy, clean)
+    assert gain >= 3.0, f"PSNR gain {gain:.2f} dB"
+    assert np.all(np.diff(history["free_energy"]) > -1e-6 * np.abs(history["free_energy"][1:]))
+    assert 15 < sigma_learned < 40         # the noise level is learned (true σ = 25), never given
+    assert np.all(variance >= 0) and variance.mean() > 0
+
+
+def test_refuses_to_overwrite_and_bad_keys(em_crop, tmp_path):
+    _, noisy_path = em_crop
+    out = tmp_path / "exists.h5"
+    out.write_bytes(b"previous result")
+    proc = run_cli(["run", "configs/demo.yaml", "--set", f"input.path={noisy_path}", "--set", f"output.path={out}"],
+                   cwd=REPO)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    assert out.read_bytes() == b"previous result"
+    proc = run_cli(["run", "configs/demo.yaml", "--set", "model.HH=3"], cwd=REPO)
+    assert proc.returncode == 2 and "model.HH" in proc.stderr and "model.H" in proc.stderr
+    proc = run_cli(["run", "configs/demo.yaml", "--set", f"input.path={tmp_path / 'missing.tif'}",
+                    "--set", f"output.path={tmp_path / 'x.h5'}"], cwd=REPO)
+    assert proc.returncode == 2 and "missing.tif" in proc.stderr and "Traceback" not in proc.stderr
