@@ -1,0 +1,415 @@
+"""Lazy region reading of large images: whole-slide mosaics, stacks and volumes.
+
+:func:`open_source` returns an :class:`ImageSource` whose :meth:`~ImageSource.read` returns one rectangular
+region of one section as float64, decoding only the TIFF tiles or strips that intersect it (or slicing an
+HDF5 dataset, which h5py reads chunk by chunk). No call ever loads the whole image unless the file stores it
+in a form that cannot be read in parts (see :class:`TiffSource`), and the counters in
+:attr:`ImageSource.stats` say exactly what was decoded, so tests can assert it.
+
+Supported inputs
+    * 2-D TIFF and BigTIFF, tiled or striped, any tifffile codec;
+    * multi-page stacks and 3-D TIFFs (Z, Y, X; any leading axes are flattened into sections in file order,
+      as in :mod:`hpc_zsem.io.images`), including volumetric (tiledepth > 1) pages;
+    * pyramidal OME-TIFF: the full-resolution level of the first series;
+    * an HDF5 dataset: ``file.h5:/path/to/dataset`` (``file.h5`` alone when the file holds exactly one
+      dataset of two or more dimensions).
+
+Shapes: ``shape`` is (Y, X) for a single plane and (Z, Y, X) for a stack; ``read(z, ...)`` takes the section
+index (0 for a single plane). ``section=`` selects one plane of a stack (the source is then 2-D), and ``crop``
+/ ``downsample`` give the same view of the file as :func:`hpc_zsem.io.images.read_image`, lazily.
+
+Every problem is an :class:`~hpc_zsem.errors.InputError` whose one-line message names the file.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+
+from hpc_zsem.errors import InputError
+from hpc_zsem.io.images import (_READ_ERRORS, _check_dtype, _check_finite, _layout, _open_checked,
+                                resolve_input_path)
+
+H5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5", ".nxs")
+_CACHE_BYTES = 32 << 20   # decoded TIFF segments kept per source (LRU) for reads that touch the same tiles
+
+
+class ImageSource:
+    """A lazily read grayscale image or stack. Subclasses implement :meth:`_read_full_res`."""
+
+    name: str
+    dtype: np.dtype
+    #: (Z, Y, X) of the file's full-resolution data (Z = 1 for a single plane)
+    file_shape: tuple[int, int, int]
+
+    def __init__(self) -> None:
+        self.stats = {"reads": 0, "segments_decoded": 0, "bytes_read": 0, "pixels_decoded": 0}
+        self._sections: np.ndarray = np.arange(self.file_shape[0])
+        self._crop = (0, self.file_shape[1], 0, self.file_shape[2])
+        self._step = 1
+        self._squeeze = self.file_shape[0] == 1
+
+    # ---------------------------------------------------------------- view set-up (used by open_source)
+    def _set_view(self, section: int | None, crop, downsample: int) -> None:
+        Z, Y, X = self.file_shape
+        if section is not None:
+            if not 0 <= section < Z:
+                what = f"a stack of {Z} sections (0..{Z - 1})" if Z > 1 else "a single 2-D image (section 0)"
+                raise InputError(f"{self.name}: section {section} out of range; the file is {what}")
+            self._sections = np.array([section])
+            self._squeeze = True
+        if crop is not None:
+            y0, y1, x0, x1 = (int(v) for v in crop)
+            if not (0 <= y0 < y1 <= Y and 0 <= x0 < x1 <= X):
+                raise InputError(f"{self.name}: crop {list(crop)} lies outside the image of shape "
+                                 f"(Y, X) = ({Y}, {X})")
+            self._crop = (y0, y1, x0, x1)
+        if int(downsample) < 1:
+            raise InputError(f"{self.name}: downsample {downsample} must be >= 1")
+        self._step = int(downsample)
+
+    # ---------------------------------------------------------------- public API
+    @property
+    def plane_shape(self) -> tuple[int, int]:
+        """(Y, X) of one section after crop and downsample."""
+        y0, y1, x0, x1 = self._crop
+        k = self._step
+        return (-(-(y1 - y0) // k), -(-(x1 - x0) // k))
+
+    @property
+    def n_sections(self) -> int:
+        return int(self._sections.size)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(Y, X) for a single plane, (Z, Y, X) for a stack."""
+        return self.plane_shape if self._squeeze else (self.n_sections, *self.plane_shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def read(self, z: int | None, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels [y0:y1, x0:x1] of section ``z`` (0 or None for a single plane) as a float64 array.
+
+        Coordinates are those of the view (after crop and downsample). Raises InputError on unreadable data
+        or NaN/Inf pixels in the region."""
+        z = 0 if z is None else int(z)
+        Y, X = self.plane_shape
+        if not (0 <= z < self.n_sections and 0 <= y0 < y1 <= Y and 0 <= x0 < x1 <= X):
+            raise ValueError(f"{self.name}: region z={z} [{y0}:{y1}, {x0}:{x1}] lies outside the view "
+                             f"of shape {self.shape}")
+        k = self._step
+        cy, cx = self._crop[0], self._crop[2]
+        fy0, fy1 = cy + y0 * k, cy + (y1 - 1) * k + 1
+        fx0, fx1 = cx + x0 * k, cx + (x1 - 1) * k + 1
+        self.stats["reads"] += 1
+        try:
+            region = self._read_full_res(int(self._sections[z]), fy0, fy1, fx0, fx1)
+        except InputError:
+            raise
+        except _READ_ERRORS as exc:
+            raise InputError(f"{self.name}: cannot read pixel data; the file may be truncated or corrupt "
+                             f"({exc})") from None
+        if k > 1:
+            region = region[::k, ::k]
+        _check_finite(region, self.name)
+        return np.asarray(region, dtype=np.float64)
+
+    def read_section(self, z: int | None = None) -> np.ndarray:
+        """A whole section (for small images and tests only)."""
+        return self.read(z, 0, self.plane_shape[0], 0, self.plane_shape[1])
+
+    def reset_stats(self) -> None:
+        for key in self.stats:
+            self.stats[key] = 0
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "ImageSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, shape={self.shape}, dtype={self.dtype})"
+
+    # ---------------------------------------------------------------- subclass hook
+    def _read_full_res(self, section: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Raw pixels [y0:y1, x0:x1] of file section ``section`` (file coordinates)."""
+        raise NotImplementedError
+
+
+class TiffSource(ImageSource):
+    """First series of a TIFF (full-resolution level), read tile by tile or strip by strip.
+
+    Planes map to pages (one plane per page, or ``imagedepth`` planes per volumetric page). A series stored
+    as one contiguous uncompressed block with fewer pages than planes (e.g. ImageJ stacks over 4 GB) is
+    memory-mapped. Anything else (rare) falls back to reading the series once, counted in ``stats``.
+    """
+
+    def __init__(self, path: Path, name: str, cache_bytes: int = _CACHE_BYTES):
+        self.name = name
+        self._tif = _open_checked(path, name)
+        try:
+            try:
+                series = self._tif.series[0]
+                series = series.levels[0] if getattr(series, "levels", None) else series
+                layout = _layout(series, name)
+                self._pages = list(series.pages)
+            except InputError:
+                raise
+            except _READ_ERRORS as exc:
+                raise InputError(f"{name}: cannot read as TIFF ({exc})") from None
+            self.dtype = np.dtype(layout.dtype)
+            self.file_shape = (layout.sections, *layout.plane)
+            self._series = series
+            self._memmap = None
+            self._whole = None
+            first = self._pages[0] if self._pages else None
+            depth = first.keyframe.imagedepth if first is not None else 1
+            if layout.pages == layout.sections and all(p is not None for p in self._pages):
+                self._mode, self._depth = "pages", 1
+            elif depth > 1 and layout.pages * depth == layout.sections:
+                self._mode, self._depth = "pages", depth
+            elif series.dataoffset is not None:
+                self._mode, self._depth = "memmap", 1
+            else:
+                self._mode, self._depth = "whole", 1
+        except BaseException:
+            self._tif.close()
+            raise
+        self._lock = threading.RLock()
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cache_bytes = int(cache_bytes)
+        self._cached = 0
+        super().__init__()
+
+    def close(self) -> None:
+        self._tif.close()
+        self._memmap = None
+        self._whole = None
+        self._cache.clear()
+
+    # ---------------------------------------------------------------- reading
+    def _read_full_res(self, section: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        if self._mode == "memmap":
+            if self._memmap is None:
+                self._memmap = np.memmap(self._tif.filehandle.path, dtype=self._series.dtype, mode="r",
+                                         offset=self._series.dataoffset, shape=self.file_shape)
+            out = np.array(self._memmap[section, y0:y1, x0:x1])
+            self.stats["bytes_read"] += out.nbytes
+            self.stats["pixels_decoded"] += out.size
+            return out
+        if self._mode == "whole":
+            if self._whole is None:
+                self._whole = np.asarray(self._tif.asarray(series=0)).reshape(self.file_shape)
+                self.stats["pixels_decoded"] += self._whole.size
+                self.stats["segments_decoded"] += len(self._pages)
+            return np.array(self._whole[section, y0:y1, x0:x1])
+        page_index, d = divmod(section, self._depth)
+        page = self._pages[page_index]
+        kf = page.keyframe
+        if kf.is_tiled:
+            th, tw = kf.tilelength, kf.tilewidth
+            td = kf.tiledepth if kf.imagedepth > 1 else 1
+            ny, nx = -(-kf.imagelength // th), -(-kf.imagewidth // tw)
+            dchunk = d // td
+            wanted = [((dchunk * ny) + iy) * nx + ix
+                      for iy in range(y0 // th, (y1 - 1) // th + 1)
+                      for ix in range(x0 // tw, (x1 - 1) // tw + 1)]
+        else:
+            rps = min(kf.rowsperstrip, kf.imagelength)
+            per_plane = -(-kf.imagelength // rps)
+            wanted = [d * per_plane + i for i in range(y0 // rps, (y1 - 1) // rps + 1)]
+        out = np.zeros((y1 - y0, x1 - x0), dtype=self.dtype)
+        for index in wanted:
+            seg, (_, sd, sy, sx, _) = self._segment(page_index, page, index)
+            if seg is None:
+                continue   # empty segment: fill value 0
+            seg = seg[d - sd] if seg.shape[0] > 1 else seg[0]
+            seg = seg[..., 0]
+            ya, yb = max(y0, sy), min(y1, sy + seg.shape[0])
+            xa, xb = max(x0, sx), min(x1, sx + seg.shape[1])
+            if ya < yb and xa < xb:
+                out[ya - y0:yb - y0, xa - x0:xb - x0] = seg[ya - sy:yb - sy, xa - sx:xb - sx]
+        return out
+
+    def _segment(self, page_index: int, page, index: int):
+        """Decoded segment ``index`` of a page, with its position (sample, depth, y, x, sample); LRU-cached."""
+        key = (page_index, index)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+            offset, count = page.dataoffsets[index], page.databytecounts[index]
+            data = None
+            if offset and count:
+                fh = self._tif.filehandle
+                fh.seek(offset)
+                data = fh.read(count)
+                if len(data) != count:
+                    raise InputError(f"{self.name}: cannot read pixel data; the file is truncated")
+                self.stats["bytes_read"] += count
+            kf = page.keyframe
+            kwargs: dict[str, Any] = {"_fullsize": kf.is_tiled}
+            if kf.compression in {6, 7, 34892, 33007}:   # JPEG variants need the tables
+                kwargs["jpegtables"] = page.jpegtables
+                kwargs["jpegheader"] = kf.jpegheader
+            seg, position, _ = kf.decode(data, index, **kwargs)
+            self.stats["segments_decoded"] += 1
+            if seg is not None:
+                seg = np.asarray(seg).reshape(seg.shape[-4:])   # (depth, length, width, samples)
+                self.stats["pixels_decoded"] += seg.size
+            result = (seg, tuple(int(v) for v in position))
+            nbytes = 0 if seg is None else seg.nbytes
+            if nbytes <= self._cache_bytes:
+                self._cache[key] = result
+                self._cached += nbytes
+                while self._cached > self._cache_bytes:
+                    _, (old, _) = self._cache.popitem(last=False)
+                    self._cached -= 0 if old is None else old.nbytes
+            return result
+
+
+class H5Source(ImageSource):
+    """An HDF5 dataset of 2 or more dimensions (leading dimensions are sections); h5py reads only the chunks
+    a slice touches."""
+
+    def __init__(self, path: Path, dataset: str | None, name: str):
+        import h5py
+
+        self.name = name
+        if not path.is_file():
+            raise InputError(f"{path}: no such file")
+        try:
+            self._file = h5py.File(path, "r")
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read as HDF5 ({exc})") from None
+        try:
+            if dataset is None:
+                found: list[str] = []
+                self._file.visititems(lambda key, obj: found.append(key)
+                                      if isinstance(obj, h5py.Dataset) and obj.ndim >= 2 else None)
+                if len(found) != 1:
+                    listing = ", ".join("/" + f for f in found[:10]) or "none"
+                    raise InputError(f"{name}: name the dataset as {path}:/path/to/dataset "
+                                     f"(datasets of 2 or more dimensions: {listing})")
+                dataset = found[0]
+            obj = self._file.get(dataset)
+            if not isinstance(obj, h5py.Dataset):
+                raise InputError(f"{name}: no dataset '{dataset}' in the file")
+            if obj.ndim < 2:
+                raise InputError(f"{name}: expected a 2-D image or a stack, got shape {obj.shape}")
+            _check_dtype(obj.dtype, name)
+            self._ds = obj
+            self.dtype = np.dtype(obj.dtype)
+            self.file_shape = (int(np.prod(obj.shape[:-2], dtype=np.int64)), *obj.shape[-2:])
+            self.element_size_um = _h5_element_size(obj)
+        except BaseException:
+            self._file.close()
+            raise
+        super().__init__()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _read_full_res(self, section: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        lead = np.unravel_index(section, self._ds.shape[:-2]) if self._ds.ndim > 2 else ()
+        out = self._ds[tuple(int(i) for i in lead) + (slice(y0, y1), slice(x0, x1))]
+        self.stats["bytes_read"] += out.nbytes
+        self.stats["pixels_decoded"] += out.size
+        self.stats["segments_decoded"] += 1
+        return out
+
+
+def _h5_element_size(ds) -> tuple[float, ...] | None:
+    value = ds.attrs.get("element_size_um")
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in np.ravel(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def split_h5_path(path: str) -> tuple[Path, str | None] | None:
+    """``file.h5:/dataset`` → (Path('file.h5'), '/dataset'); ``file.h5`` → (Path, None); None if not HDF5."""
+    text = os.fspath(path)
+    lower = text.lower()
+    for suffix in H5_SUFFIXES:
+        at = lower.rfind(suffix + ":")
+        if at > 0:
+            end = at + len(suffix)
+            return Path(text[:end]), text[end + 1:] or None
+        if lower.endswith(suffix):
+            return Path(text), None
+    return None
+
+
+def open_source(path: str | os.PathLike, section: int | None = None, *,
+                crop: tuple[int, int, int, int] | None = None, downsample: int = 1) -> ImageSource:
+    """Open an image lazily (TIFF family or ``file.h5:/dataset``); see the module docstring.
+
+    ``section`` selects one plane of a stack (the result is then 2-D); ``crop`` = [y0, y1, x0, x1] in file
+    pixels and ``downsample`` (keep every k-th pixel) define the view, as in ``read_image``. Close the
+    source (or use it as a context manager) when done."""
+    text = os.fspath(path)
+    h5 = split_h5_path(text)
+    if h5 is not None:
+        source: ImageSource = H5Source(h5[0], h5[1], text)
+    else:
+        resolved = resolve_input_path(text)
+        source = TiffSource(resolved, os.fspath(resolved))
+    try:
+        source._set_view(section, crop, downsample)
+        if any(n < 1 for n in source.plane_shape):
+            raise InputError(f"{source.name}: empty image of shape {source.shape}")
+    except BaseException:
+        source.close()
+        raise
+    return source
+
+
+def pixel_size_um(path: str | os.PathLike) -> tuple[float, ...] | None:
+    """Physical pixel size (Y, X) or (Z, Y, X) in µm from OME, ImageJ or resolution tags / HDF5
+    ``element_size_um``, if the file says so; None otherwise. Best effort, never raises."""
+    try:
+        h5 = split_h5_path(os.fspath(path))
+        if h5 is not None:
+            with open_source(path) as src:
+                return getattr(src, "element_size_um", None)
+        with tifffile.TiffFile(resolve_input_path(path)) as tif:
+            if tif.is_ome and tif.ome_metadata:
+                import re
+                meta = tif.ome_metadata
+                vals = {}
+                for axis in "ZYX":
+                    m = re.search(rf'PhysicalSize{axis}="([0-9.eE+-]+)"', meta)
+                    unit = re.search(rf'PhysicalSize{axis}Unit="([^"]+)"', meta)
+                    if m:
+                        scale = {"nm": 1e-3, "mm": 1e3, "m": 1e6}.get(unit.group(1) if unit else "µm", 1.0)
+                        vals[axis] = float(m.group(1)) * scale
+                if "Y" in vals and "X" in vals:
+                    return tuple(vals[a] for a in "ZYX" if a in vals)
+            if tif.is_imagej:
+                meta = tif.imagej_metadata or {}
+                per_unit = {"micron": 1.0, "um": 1.0, "µm": 1.0, "\\u00B5m": 1.0, "nm": 1e-3, "nanometer": 1e-3,
+                            "mm": 1e3}.get(str(meta.get("unit", "")))
+                tags = tif.pages[0].tags
+                if per_unit and "XResolution" in tags and "YResolution" in tags:
+                    ry, rx = tags["YResolution"].value, tags["XResolution"].value
+                    sy, sx = per_unit * ry[1] / ry[0], per_unit * rx[1] / rx[0]
+                    spacing = meta.get("spacing")
+                    return (float(spacing) * per_unit, sy, sx) if spacing else (sy, sx)
+    except Exception:   # noqa: BLE001 - metadata is optional
+        return None
+    return None

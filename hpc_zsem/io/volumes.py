@@ -1,0 +1,171 @@
+"""Chunked, compressed HDF5 mean/variance volumes written tile by tile, atomically.
+
+:class:`VolumeWriter` creates ``<name>.tmp-<pid>`` beside the final path with float32 datasets ``mean`` and
+``variance`` (and any ``extra`` ones, e.g. ``input``) of the image's shape — (Y, X) or (Z, Y, X) — chunked
+(256, 256) / (1, 256, 256), gzip 4 + shuffle, with attributes ``axes`` ("YX"/"ZYX") and, when known,
+``element_size_um`` (one value per axis, µm; the attribute Fiji's HDF5 plugin reads). Tiles are written in
+any order with :meth:`VolumeWriter.write`; :meth:`VolumeWriter.close` checks that every pixel was written
+exactly once, writes params/history/metadata (the result-file layout of :mod:`hpc_zsem.io.results`, so
+``read_result`` / export work on small outputs), flushes, fsyncs and renames the file into place. Any failure
+(or :meth:`abort`, or leaving a ``with`` block by an exception) removes the temporary file and leaves an
+existing output untouched.
+
+Parallel runs (the pip h5py has no MPI-IO): **rank 0 owns the writer; other ranks send each finished tile
+(its :class:`~hpc_zsem.tiles.Tile` and the two float32 core arrays) to rank 0**, which writes it as it
+arrives. Memory per rank is bounded by a few tiles plus the HDF5 chunk cache, never by the volume; the
+writer keeps only a per-tile bookkeeping set. Cores aligned to multiples of 256 (the default tile size 512)
+hit whole chunks, so each chunk is compressed once.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from hpc_zsem.io.results import (_fsync, _history_arrays, _write_metadata, check_output_path)
+
+CHUNK = 256
+_CHUNK_CACHE = 64 << 20   # bytes of HDF5 chunk cache per dataset
+
+
+def _chunks(shape: tuple[int, ...], chunks: tuple[int, int]) -> tuple[int, ...]:
+    plane = tuple(max(1, min(c, n)) for c, n in zip(chunks, shape[-2:]))
+    return plane if len(shape) == 2 else (1,) + plane
+
+
+class VolumeWriter:
+    """Write mean/variance volumes tile by tile into an HDF5 file that appears atomically on close."""
+
+    def __init__(self, path: str | os.PathLike, shape: tuple[int, ...], chunks: tuple[int, int] = (CHUNK, CHUNK),
+                 attrs: Mapping[str, Any] | None = None, *, element_size_um: tuple[float, ...] | None = None,
+                 extra: tuple[str, ...] = (), overwrite: bool = False, compression_level: int = 4):
+        shape = tuple(int(n) for n in shape)
+        if len(shape) not in (2, 3) or min(shape) < 1:
+            raise ValueError(f"expected a (Y, X) or (Z, Y, X) shape, got {shape}")
+        check_output_path(path, overwrite)
+        self.path = Path(path)
+        self.shape = shape
+        self.axes = "YX" if len(shape) == 2 else "ZYX"
+        self.names = ("mean", "variance") + tuple(extra)
+        self._attrs = dict(attrs or {})
+        self._params: dict[str, np.ndarray] = {}
+        self._history: dict[str, np.ndarray] = {}
+        self._written: set[tuple] = set()
+        self._pixels = 0
+        self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        self._file: h5py.File | None = h5py.File(self.tmp, "w", rdcc_nbytes=_CHUNK_CACHE)
+        try:
+            for name in self.names:
+                ds = self._file.create_dataset(name, shape=shape, dtype=np.float32, chunks=_chunks(shape, chunks),
+                                               compression="gzip", compression_opts=int(compression_level),
+                                               shuffle=True, fillvalue=np.float32(np.nan))
+                ds.attrs["axes"] = self.axes
+                if element_size_um is not None:
+                    size = tuple(float(v) for v in element_size_um)
+                    if len(size) == 2 and len(shape) == 3:
+                        size = (1.0,) + size
+                    if len(size) != len(shape):
+                        raise ValueError(f"element_size_um {size} does not match the axes {self.axes}")
+                    ds.attrs["element_size_um"] = np.asarray(size, dtype=np.float32)
+        except BaseException:
+            self.abort()
+            raise
+
+    # ---------------------------------------------------------------- writing
+    def write(self, tile, mean_core: np.ndarray, var_core: np.ndarray, **extra: np.ndarray) -> None:
+        """Write one tile's core (any order). ``tile`` is a :class:`~hpc_zsem.tiles.Tile` or anything with
+        ``z, y0, y1, x0, x1``; arrays have the core's shape."""
+        if self._file is None:
+            raise RuntimeError(f"{self.path}: writer is closed")
+        z = getattr(tile, "z", None)
+        if (z is None) != (len(self.shape) == 2):
+            raise ValueError(f"tile z={z} does not match a volume of shape {self.shape}")
+        y0, y1, x0, x1 = int(tile.y0), int(tile.y1), int(tile.x0), int(tile.x1)
+        Y, X = self.shape[-2:]
+        if not (0 <= y0 < y1 <= Y and 0 <= x0 < x1 <= X) or (z is not None and not 0 <= z < self.shape[0]):
+            raise ValueError(f"tile z={z} [{y0}:{y1}, {x0}:{x1}] lies outside the volume {self.shape}")
+        key = (z, y0, y1, x0, x1)
+        if key in self._written:
+            raise ValueError(f"tile {key} was already written")
+        arrays = {"mean": mean_core, "variance": var_core, **extra}
+        if set(arrays) != set(self.names):
+            raise ValueError(f"expected arrays {self.names}, got {tuple(arrays)}")
+        index = (slice(y0, y1), slice(x0, x1)) if z is None else (int(z), slice(y0, y1), slice(x0, x1))
+        try:
+            for name, value in arrays.items():
+                value = np.asarray(value, dtype=np.float32)
+                if value.shape != (y1 - y0, x1 - x0):
+                    raise ValueError(f"{name}: core of shape {value.shape}, expected {(y1 - y0, x1 - x0)}")
+                self._file[name][index] = value
+        except BaseException:
+            self.abort()
+            raise
+        self._written.add(key)
+        self._pixels += (y1 - y0) * (x1 - x0)
+
+    def set_params(self, params: Mapping[str, np.ndarray]) -> None:
+        self._params = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+
+    def set_history(self, history: Mapping[str, Any]) -> None:
+        self._history = _history_arrays(history)
+
+    def set_metadata(self, metadata: Mapping[str, Any]) -> None:
+        self._attrs.update(metadata)
+
+    @property
+    def pixels_written(self) -> int:
+        return self._pixels
+
+    @property
+    def complete(self) -> bool:
+        return self._pixels == int(np.prod(self.shape))
+
+    # ---------------------------------------------------------------- finishing
+    def close(self) -> None:
+        """Check every pixel was written, add params/history/metadata, flush, fsync and rename into place."""
+        if self._file is None:
+            raise RuntimeError(f"{self.path}: writer is already closed")
+        try:
+            total = int(np.prod(self.shape))
+            if self._pixels != total:
+                raise ValueError(f"{self.path}: only {self._pixels} of {total} pixels were written")
+            f = self._file
+            for name, value in self._params.items():
+                f.create_dataset(f"params/{name}", data=value)
+            for name, column in self._history.items():
+                f.create_dataset(f"history/{name}", data=column)
+            f.require_group("params")
+            f.require_group("history")
+            _write_metadata(f, {"axes": self.axes, **self._attrs})
+            f.flush()
+            f.close()
+            self._file = None
+            _fsync(self.tmp)
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        _fsync(self.path.parent)
+
+    def abort(self) -> None:
+        """Discard the temporary file (idempotent)."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            except Exception:   # noqa: BLE001 - already failing
+                pass
+            self._file = None
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "VolumeWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif self._file is not None:
+            self.close()
