@@ -19,6 +19,7 @@ import tifffile
 from hpc_zsem.errors import InputError
 
 DEMO_NOISY = "builtin:demo"
+BUILTIN_IMAGES = {"builtin:demo": "demo_noisy.tif", "builtin:demo_poisson": "demo_poisson.tif"}
 _DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 _CHUNK = 1 << 20
 # What tifffile and the codecs raise on unreadable, corrupt or truncated files.
@@ -27,9 +28,10 @@ _READ_ERRORS = (tifffile.TiffFileError, OSError, ValueError, struct.error, zlib.
 
 
 def resolve_input_path(path: str | os.PathLike) -> Path:
-    """``builtin:demo`` → the packaged demo image; any other path is returned as a Path, unresolved."""
-    if os.fspath(path) == DEMO_NOISY:
-        return _DATA_DIR / "demo_noisy.tif"
+    """``builtin:demo`` (Gaussian noise) and ``builtin:demo_poisson`` (shot noise) → the packaged demo images;
+    any other path is returned as a Path, unresolved."""
+    if os.fspath(path) in BUILTIN_IMAGES:
+        return _DATA_DIR / BUILTIN_IMAGES[os.fspath(path)]
     return Path(path)
 
 
