@@ -30,8 +30,8 @@ from PIL import Image
 
 from hpc_zsem import enhance
 from hpc_zsem.errors import ConfigError, InputError, OutputError
+from hpc_zsem.io.results import open_result
 
-RESULT_FORMAT = "hpc_zsem-result"
 TITLES = {"input": "noisy input", "mean": "mean (denoised)", "variance": "variance"}
 
 
@@ -121,12 +121,7 @@ def _read_stack(dataset: h5py.Dataset, sections: list[int | None]) -> np.ndarray
 
 
 def _check_result(f: h5py.File, path: Path) -> tuple[int, ...]:
-    """Validate the layout of a result file; return the image shape (Y, X) or (Z, Y, X)."""
-    fmt = f.attrs.get("format")
-    fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
-    if fmt != RESULT_FORMAT or "mean" not in f or "variance" not in f:
-        raise InputError(f"{path}: not an hpc_zsem result file (expected format={RESULT_FORMAT!r}, "
-                         "/mean and /variance)")
+    """Check the image shapes of an open result file; return the image shape (Y, X) or (Z, Y, X)."""
     shape = f["mean"].shape
     for name in ("variance", "input"):
         if name in f and f[name].shape != shape:
@@ -142,13 +137,7 @@ def read_result(path: Path, spec: str) -> tuple[dict[str, np.ndarray], list[int 
     Returns the stacks (S, Y, X) by name ("mean", "variance" and, if stored, "input"), the section indices
     (``[None]`` for a 2-D result) and the full image shape.
     """
-    if not path.is_file():
-        raise InputError(f"{path}: no such result file")
-    try:
-        f = h5py.File(path, "r")
-    except OSError:
-        raise InputError(f"{path}: not an HDF5 file") from None
-    with f:
+    with open_result(path) as f:
         shape = _check_result(f, path)
         sections = _parse_sections(spec, shape[0] if len(shape) == 3 else None, path)
         stacks = {name: _read_stack(f[name], sections) for name in ("input", "mean", "variance") if name in f}

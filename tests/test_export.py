@@ -21,6 +21,7 @@ def write_result(path: Path, shape=(24, 32), with_input=True, seed=0) -> dict[st
         arrays["input"] = arrays["mean"] + rng.normal(0, 1, shape).astype(np.float32)
     with h5py.File(path, "w") as f:
         f.attrs["format"] = "hpc_zsem-result"
+        f.attrs["format_version"] = 1
         f.attrs["model"] = "sssc"
         for name, data in arrays.items():
             f[name] = data

@@ -22,6 +22,7 @@ from hpc_zsem.errors import InputError, OutputError
 FORMAT = "hpc_zsem-result"
 FORMAT_VERSION = 1
 IMAGES = ("mean", "variance", "input")
+REQUIRED_IMAGES = ("mean", "variance")
 _RESERVED = ("format", "format_version")
 _CHUNK = 256
 
@@ -145,8 +146,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _open_result(path: Path) -> h5py.File:
-    """Open a result file for reading, refusing anything that is not one (InputError)."""
+def open_result(path: str | os.PathLike) -> h5py.File:
+    """Open a result file for reading, refusing anything that is not one (InputError): it must carry
+    format="hpc_zsem-result" and the /mean and /variance datasets (/input is optional, e.g. for mosaics)."""
+    path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     try:
@@ -154,9 +157,9 @@ def _open_result(path: Path) -> h5py.File:
     except OSError:
         raise InputError(f"{path}: not an HDF5 file") from None
     version = f.attrs.get("format_version")
-    if _plain(f.attrs.get("format")) != FORMAT or not all(n in f for n in IMAGES):
+    if _plain(f.attrs.get("format")) != FORMAT or not all(n in f for n in REQUIRED_IMAGES):
         f.close()
-        raise InputError(f"{path}: not a hpc_zsem result file")
+        raise InputError(f"{path}: not an hpc_zsem result file")
     if version is None or int(version) > FORMAT_VERSION:
         f.close()
         raise InputError(f"{path}: result format_version {version} is not supported (expected <= {FORMAT_VERSION})")
@@ -166,8 +169,8 @@ def _open_result(path: Path) -> h5py.File:
 def read_result(path: str | os.PathLike) -> dict[str, Any]:
     """Load a result file: keys mean, variance, input (arrays), params, history (dicts of arrays) and
     metadata (dict of all root attributes, as builtins)."""
-    with _open_result(Path(path)) as f:
-        out: dict[str, Any] = {name: f[name][()] for name in IMAGES}
+    with open_result(path) as f:
+        out: dict[str, Any] = {name: f[name][()] if name in f else None for name in IMAGES}
         out["params"] = {k: v[()] for k, v in f["params"].items()}
         out["history"] = {k: v[()] for k, v in f["history"].items()}
         out["metadata"] = {k: _plain(v) for k, v in f.attrs.items()}
