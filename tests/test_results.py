@@ -89,5 +89,5 @@ def test_read_refuses_non_results(tmp_path):
     other = tmp_path / "other.h5"
     with h5py.File(other, "w") as f:
         f["x"] = 1
-    with pytest.raises(InputError, match="not a hpc_zsem result file"):
+    with pytest.raises(InputError, match="not an hpc_zsem result file"):
         read_result(other)
