@@ -1,0 +1,68 @@
+"""Counter-based random numbers keyed by global patch index.
+
+Every random number the E-step draws for patch n is a pure function of (seed, stage, epoch, call, n,
+element): SplitMix64 (Steele, Lea & Flood 2014) run over a per-patch stream. So a patch gets the same random
+numbers whichever block, tile or rank processes it, and however many other patches are processed with it:
+results do not depend on the rank count, the block size or the tiling of a mosaic, and a resume needs no RNG
+state. Cost: a few vectorised uint64 operations per number (≈10 ns).
+
+``PatchRandom`` offers the two ``numpy.random.Generator`` methods the evolutionary E-step uses, ``random`` and
+``integers``, for arrays whose first axis runs over the patches.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_TO_UNIT = 2.0**-53
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """The SplitMix64 output function (a bijection of uint64 with good avalanche), in place."""
+    x ^= x >> np.uint64(30)
+    x *= _M1
+    x ^= x >> np.uint64(27)
+    x *= _M2
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def _hash(*words: int) -> np.uint64:
+    """One uint64 from a few non-negative integers."""
+    h = np.array([0], dtype=np.uint64)
+    for w in words:
+        h += np.uint64(w & 0xFFFFFFFFFFFFFFFF) + _GAMMA
+        h = _mix(h)
+    return h[0]
+
+
+class PatchRandom:
+    """Random numbers for the patches with global indices ``patches`` at one (seed, stage, epoch)."""
+
+    def __init__(self, seed: int, stage: int, epoch: int, patches: np.ndarray):
+        self._key = (int(seed), int(stage), int(epoch))
+        self._patch_streams = _mix(np.asarray(patches, dtype=np.uint64) * _GAMMA + _hash(*self._key))
+        self._calls = 0
+
+    def _bits(self, size: tuple[int, ...]) -> np.ndarray:
+        if size[0] != self._patch_streams.size:
+            raise ValueError(f"first axis {size[0]} must run over the {self._patch_streams.size} patches")
+        self._calls += 1
+        per_patch = int(np.prod(size[1:], dtype=np.int64))
+        call = _hash(*self._key, self._calls)
+        elements = (np.arange(1, per_patch + 1, dtype=np.uint64) * _GAMMA) + call
+        x = self._patch_streams[:, None] + elements[None, :]
+        return _mix(x).reshape(size)
+
+    def random(self, size) -> np.ndarray:
+        """Uniform floats in [0, 1) of the given shape (first axis = patches)."""
+        size = (size,) if np.isscalar(size) else tuple(size)
+        return (self._bits(size) >> np.uint64(11)).astype(np.float64) * _TO_UNIT
+
+    def integers(self, low: int, high: int, size) -> np.ndarray:
+        """Integers uniform in [low, high) (high − low < 2³²), via the multiply-shift map of 32 random bits."""
+        size = (size,) if np.isscalar(size) else tuple(size)
+        span = np.uint64(high - low)
+        return ((self._bits(size) >> np.uint64(32)) * span >> np.uint64(32)).astype(np.int64) + low
