@@ -2,7 +2,9 @@
 
 Patches of size (h, w) sit on a grid of top-left corners with the given stride; the last row/column of
 corners is always included so that every pixel is covered. Patch n (global, row-major over the corner grid)
-has corner (ys[n // nx], xs[n % nx]) and is flattened row-major into a vector of D = h·w pixels.
+has corner (ys[n // nx], xs[n % nx]) and is flattened row-major into a vector of D = h·w pixels. A stack of
+Z sections of the same plane shape has Z such grids: global patch n lies in section n // (ny·nx), and images
+are (Z, Y, X) arrays.
 
 Merging (DESIGN.md §1.3): every pixel keeps count, Σ(ŷ − y) and Σ(ŷ − y)², shifted by the noisy pixel value y
 for numerical safety; mean = y + Σ(ŷ−y)/count, variance = Σ(ŷ−y)²/count − (Σ(ŷ−y)/count)² (the population
@@ -27,11 +29,12 @@ def _corners(length: int, size: int, stride: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class PatchGrid:
-    """The geometry of all patches of a 2-D image."""
+    """The geometry of all patches of a 2-D image (or of each section of a stack of ``sections`` planes)."""
 
     image_shape: tuple[int, int]
     size: tuple[int, int]
     stride: int = 1
+    sections: int = 1
 
     def __post_init__(self):
         if any(p > n for p, n in zip(self.size, self.image_shape)):
@@ -46,24 +49,35 @@ class PatchGrid:
         return _corners(self.image_shape[1], self.size[1], self.stride)
 
     @property
-    def n_patches(self) -> int:
+    def per_section(self) -> int:
         return self.ys.size * self.xs.size
+
+    @property
+    def n_patches(self) -> int:
+        return self.sections * self.per_section
+
+    @property
+    def volume_shape(self) -> tuple[int, ...]:
+        """Shape of the images this grid cuts: (Y, X), or (Z, Y, X) for a stack."""
+        return tuple(self.image_shape) if self.sections == 1 else (self.sections, *self.image_shape)
 
     @property
     def dim(self) -> int:
         return self.size[0] * self.size[1]
 
-    def corners(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Top-left (y, x) of the patches with the given global indices."""
-        iy, ix = np.divmod(np.asarray(patches), self.xs.size)
-        return self.ys[iy], self.xs[ix]
+    def corners(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Section and top-left (y, x) of the patches with the given global indices."""
+        z, local = np.divmod(np.asarray(patches), self.per_section)
+        iy, ix = np.divmod(local, self.xs.size)
+        return z, self.ys[iy], self.xs[ix]
 
     def pixel_index(self, patches: np.ndarray) -> np.ndarray:
-        """Flat image index of every pixel of the given patches, shape (n, D)."""
-        y, x = self.corners(patches)
+        """Flat index into the (Z,) Y, X image of every pixel of the given patches, shape (n, D)."""
+        z, y, x = self.corners(patches)
         h, w = self.size
-        offsets = (np.arange(h)[:, None] * self.image_shape[1] + np.arange(w)[None, :]).ravel()
-        return (y * self.image_shape[1] + x)[:, None] + offsets[None, :]
+        Y, X = self.image_shape
+        offsets = (np.arange(h)[:, None] * X + np.arange(w)[None, :]).ravel()
+        return (z * (Y * X) + y * X + x)[:, None] + offsets[None, :]
 
     def extract(self, image: np.ndarray, patches: np.ndarray) -> np.ndarray:
         """The given patches of ``image`` as an (n, D) float64 array."""
@@ -71,9 +85,10 @@ class PatchGrid:
 
 
 class PixelAccumulator:
-    """count, Σ(ŷ − y), Σ(ŷ − y)² per pixel in float64, stacked as one (3, Y, X) array for a single reduction."""
+    """count, Σ(ŷ − y), Σ(ŷ − y)² per pixel in float64, stacked as one (3, [Z,] Y, X) array for a single
+    reduction."""
 
-    def __init__(self, image_shape: tuple[int, int]):
+    def __init__(self, image_shape: tuple[int, ...]):
         self.sums = np.zeros((3,) + tuple(image_shape))
 
     def add(self, grid: PatchGrid, patches: np.ndarray, noisy: np.ndarray, estimates: np.ndarray) -> None:

@@ -201,7 +201,7 @@ def training_sample(source, n_patches: int, rng: np.random.Generator, patch: tup
     n = min(int(n_patches), total)
     picks = np.arange(total) if n == total else np.sort(rng.choice(total, size=n, replace=False))
     z, local = np.divmod(picks, per)
-    cy, cx = grid.corners(local)
+    _, cy, cx = grid.corners(local)
     h, w = grid.size
     gy, gx = (int(g) for g in group)
     keys = np.stack([z, cy // gy, cx // gx])

@@ -75,14 +75,14 @@ def test_stride_uses_global_corner_grid(image):
     t = plan_tiles(image.shape, (10, 10), patch, stride)[5]
     local, ids = tile_grid(t, image.shape, patch, stride)
     assert isinstance(local, CornerGrid) and isinstance(local, PatchGrid)
-    gy, gx = grid.corners(ids)
-    ly, lx = local.corners(np.arange(local.n_patches))
+    _, gy, gx = grid.corners(ids)
+    _, ly, lx = local.corners(np.arange(local.n_patches))
     np.testing.assert_array_equal(gy, ly + t.hy0)
     np.testing.assert_array_equal(gx, lx + t.hx0)
     # the tile's patches are exactly the global patches that cover a core pixel
     covers = ((gy + patch[0] > t.y0) & (gy < t.y1) & (gx + patch[1] > t.x0) & (gx < t.x1))
     assert covers.all()
-    all_y, all_x = grid.corners(np.arange(grid.n_patches))
+    _, all_y, all_x = grid.corners(np.arange(grid.n_patches))
     all_covers = ((all_y + patch[0] > t.y0) & (all_y < t.y1) & (all_x + patch[1] > t.x0) & (all_x < t.x1))
     np.testing.assert_array_equal(np.sort(ids), np.flatnonzero(all_covers))
     # with_index passes the global ids: the estimate may depend on the global patch index
