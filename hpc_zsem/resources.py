@@ -1,0 +1,216 @@
+"""Memory per rank, estimated before any heavy work starts, and the ``resources.max_memory_per_rank`` check.
+
+:func:`estimate_memory_per_rank` returns bytes by component for the *busiest* rank (rank 0: blocks of
+``training.block_size`` patches are dealt out contiguously with the remainder to the low ranks, and rank 0
+also receives the reduced pixel sums):
+
+``patches``             the rank's patch data, float64: n_rank · D · 8
+``truncated_sets``      SSSC: the rank's K_n, bit-packed: n_rank · S · ⌈H/64⌉ · 8
+``estep_temporaries``   SSSC: the peak of one E-step on one block (see below)
+``gpmm_temporaries``    GPMM: (N_block × C) float64 arrays of one E-step: N_block · C · 64
+``accumulators``        count, Σ(ŷ−y), Σ(ŷ−y)² per pixel in float64, plus the reduced copy on rank 0: 48 · pixels
+``image``               the input image as float64 (GPMM also keeps the count image): 8 (16) · pixels
+``total``               the sum of the above (a slight over-estimate: training temporaries and the merge
+                        accumulators never coexist)
+
+SSSC E-step temporaries — how the constants were measured
+    One ``SSSC.e_step`` on one block, under ``tracemalloc`` (numpy reports its buffers to it), peak minus the
+    memory held before the call (:func:`measure_peak`), with truncated sets whose states have exactly k
+    active units and π = k/H; grid N_block ∈ {512, 1024, 2048}, H ∈ {32 … 512}, S ∈ {20, 30, 60}, children per
+    patch ∈ {10 … 60}, k ∈ {2 … 24} (Python 3.11, numpy 2, this repository at the time of writing). The peak
+    is the larger of two phases:
+
+    * posterior + sufficient statistics, per (patch, state of K_n) pair: ``96 + H + 44·k²`` bytes — the k×k
+      gathers and (k·k)-wide index/weight arrays of the M-step sums dominate (measured 180 B at k=2 … 10.9 KB
+      at k=16 for H=64, i.e. ≈ 41·k² above a small base);
+    * evolutionary search, per child (parents·children·generations per patch): ``64 + 21·H + 24·k²`` bytes —
+      the unpacked (N, children, H) parent/child bits and the float64 flip probabilities and random numbers
+      (measured 20.7·H bytes per child for small k), plus the k×k terms of scoring the children.
+
+    The larger of the two was within −17 % … +40 % of the measured peak on all 13 grid points (e.g. N_block
+    1024, H 64, S 60, 20 children: 30.9 MiB at k=2, 175 MiB at k=8, 640 MiB at k=16, 1.4 GiB at k=24 with
+    40 children). k, the number of active units of a typical state, is not known before training and
+    defaults to :data:`ASSUMED_ACTIVE_UNITS`; the statistics term grows as k², so a model that ends up using
+    many latents per patch needs more (pass ``active_units``).
+
+GPMM E-step temporaries: ``_posterior`` and the statistics allocate ≈ 7 float64 arrays of N_block × C
+(measured 57.4 B per patch and class for N ∈ {1024, 2048}, C ∈ {100, 1000}); 64 B is used.
+"""
+from __future__ import annotations
+
+import math
+import re
+import tracemalloc
+from typing import Any, Callable
+
+from hpc_zsem.errors import ConfigError
+
+KEY = "resources.max_memory_per_rank"
+
+#: active units of a typical state assumed by the SSSC E-step estimate (k in the per-pair formulas)
+ASSUMED_ACTIVE_UNITS = 8
+#: per (patch, state of K_n) pair in the posterior/statistics phase: base + per latent + per k²
+STATE_PAIR_BYTES = (96, 1, 44)
+#: per child state in the evolutionary phase: base + per latent + per k²
+CHILD_PAIR_BYTES = (64, 21, 24)
+#: GPMM bytes per (patch of a block, class)
+GPMM_BYTES_PER_PATCH_CLASS = 64
+#: per pixel: own sums (3 float64) + the reduced sums on rank 0 (3 float64)
+ACCUMULATOR_BYTES_PER_PIXEL = 48
+
+COMPONENTS = ("patches", "truncated_sets", "estep_temporaries", "gpmm_temporaries", "accumulators", "image")
+_LABELS = {"patches": "patches", "truncated_sets": "truncated sets", "estep_temporaries": "E-step temporaries",
+           "gpmm_temporaries": "GPMM temporaries", "accumulators": "pixel accumulators", "image": "image"}
+
+
+class MemoryEstimate(dict):
+    """A ``dict[str, int]`` of bytes by component (and ``"total"``) that remembers the arguments it was
+    computed from (``inputs``), so that :func:`check_memory` can work out how many ranks would fit."""
+
+    inputs: dict[str, Any]
+
+
+def _patches_on_busiest_rank(n_patches_total: int, ranks: int, block_size: int) -> int:
+    n_blocks = -(-n_patches_total // block_size)
+    blocks = -(-n_blocks // max(1, ranks))
+    return min(n_patches_total, blocks * block_size)
+
+
+def estimate_memory_per_rank(n_patches_total: int, ranks: int, D: int, model: str, H: int, S: int,
+                             candidates_per_patch: int, C: int, block_size: int, image_pixels: int,
+                             *, active_units: int | None = None) -> MemoryEstimate:
+    """Bytes by component on the busiest rank (see the module docstring) and ``"total"``.
+
+    ``candidates_per_patch`` = parents · children · generations (the children scored per patch and E-step);
+    ``active_units`` = k of a typical state (default :data:`ASSUMED_ACTIVE_UNITS`, at most H). Arguments that
+    do not apply to ``model`` ("sssc" or "gpmm") are ignored."""
+    if model not in ("sssc", "gpmm"):
+        raise ValueError(f"model must be 'sssc' or 'gpmm', got {model!r}")
+    block_size = max(1, int(block_size))
+    n_rank = _patches_on_busiest_rank(int(n_patches_total), int(ranks), block_size)
+    block = min(block_size, n_rank)
+    out = dict.fromkeys(COMPONENTS, 0)
+    out["patches"] = n_rank * D * 8
+    if model == "sssc":
+        k = min(H, ASSUMED_ACTIVE_UNITS if active_units is None else int(active_units))
+        words = -(-H // 64)
+        out["truncated_sets"] = n_rank * S * words * 8
+        a, b, c = STATE_PAIR_BYTES
+        stats_phase = block * S * (a + b * H + c * k * k)
+        a, b, c = CHILD_PAIR_BYTES
+        evolve_phase = block * candidates_per_patch * (a + b * H + c * k * k)
+        out["estep_temporaries"] = max(stats_phase, evolve_phase)
+    else:
+        out["gpmm_temporaries"] = block * C * GPMM_BYTES_PER_PATCH_CLASS
+    out["accumulators"] = image_pixels * ACCUMULATOR_BYTES_PER_PIXEL
+    out["image"] = image_pixels * (16 if model == "gpmm" else 8)
+    out["total"] = sum(out[c] for c in COMPONENTS)
+    result = MemoryEstimate((key, int(value)) for key, value in out.items())
+    result.inputs = dict(n_patches_total=n_patches_total, ranks=ranks, D=D, model=model, H=H, S=S,
+                         candidates_per_patch=candidates_per_patch, C=C, block_size=block_size,
+                         image_pixels=image_pixels, active_units=active_units)
+    return result
+
+
+def format_bytes(n: int | float) -> str:
+    """``1536`` → ``"1.5 KiB"``, ``2 * 2**30`` → ``"2 GiB"``, ``3435973837`` → ``"3.2 GiB"`` (binary units, one
+    decimal, trailing ``.0`` dropped)."""
+    n = float(n)
+    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+    i = 0
+    while abs(n) >= 1024 and i < len(units) - 1:
+        n /= 1024
+        i += 1
+    if i == 0:
+        return f"{int(n)} B"
+    text = f"{n:.1f}".rstrip("0").rstrip(".")
+    return f"{text} {units[i]}"
+
+
+_UNITS = {"": 1, "b": 1,
+          "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+          "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(value: Any, key: str = KEY) -> int:
+    """A memory size → bytes: an int (bytes) or a string ``"2GiB"``, ``"1500MB"``, ``"2G"``, ``"512 MiB"``.
+
+    Units (case-insensitive): B; KiB/MiB/GiB/TiB and the SLURM-style K/M/G/T are powers of 1024; KB/MB/GB/TB
+    are powers of 1000. Anything else (or a size <= 0) raises a one-line ConfigError naming ``key``."""
+    what = f"{key}: expected a memory size > 0 such as 2GiB, 1500MB, 2G or a number of bytes, got {value!r}"
+    if isinstance(value, bool):
+        raise ConfigError(what)
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ConfigError(what)
+        number = int(value)
+    elif isinstance(value, str):
+        match = _SIZE.match(value)
+        if not match or match.group(2).lower() not in _UNITS:
+            raise ConfigError(what)
+        number = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    else:
+        raise ConfigError(what)
+    if number <= 0:
+        raise ConfigError(what)
+    return number
+
+
+def ranks_needed(estimate: MemoryEstimate, limit_bytes: int) -> int | None:
+    """The smallest rank count whose busiest rank fits ``limit_bytes``; None if no rank count does (the parts
+    that do not shrink with more ranks — image, accumulators, one block's temporaries — already exceed it)."""
+    inputs = dict(estimate.inputs)
+    n_blocks = max(1, -(-int(inputs["n_patches_total"]) // int(inputs["block_size"])))
+
+    def fits(ranks: int) -> bool:
+        return estimate_memory_per_rank(**{**inputs, "ranks": ranks})["total"] <= limit_bytes
+
+    if not fits(n_blocks):
+        return None
+    lo, hi = 1, n_blocks          # total is non-increasing in ranks: binary search the first that fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def check_memory(estimate: dict[str, int], limit_bytes: int | None) -> None:
+    """Raise a one-line ConfigError when ``estimate["total"]`` exceeds ``limit_bytes`` (None = no limit)."""
+    if limit_bytes is None or estimate["total"] <= limit_bytes:
+        return
+    parts = ", ".join(f"{_LABELS.get(c, c)} {format_bytes(estimate[c])}"
+                      for c in COMPONENTS if estimate.get(c))
+    model = getattr(estimate, "inputs", {}).get("model", "sssc")
+    smaller = "a smaller S/H" if model == "sssc" else "a smaller C"
+    head = (f"{KEY}: the run needs about {format_bytes(estimate['total'])} per rank ({parts}) "
+            f"but the limit is {format_bytes(limit_bytes)}")
+    if not hasattr(estimate, "inputs"):
+        raise ConfigError(f"{head}; use more ranks or {smaller}")
+    needed = ranks_needed(estimate, limit_bytes)
+    if needed is not None:
+        raise ConfigError(f"{head}; use at least {needed} ranks or {smaller}")
+    raise ConfigError(f"{head}; more ranks cannot make it fit: use {smaller}, a smaller training.block_size, "
+                      "or a smaller image (input.crop / input.downsample)")
+
+
+def measure_peak(call: Callable[[], Any]) -> int:
+    """Peak bytes allocated (tracemalloc, numpy buffers included) by ``call()`` above what was held before it;
+    how the E-step constants of this module were calibrated."""
+    was_tracing = tracemalloc.is_tracing()
+    if not was_tracing:
+        tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        call()
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        if not was_tracing:
+            tracemalloc.stop()

@@ -1,0 +1,177 @@
+"""Memory estimate per rank and the resources.max_memory_per_rank refusal (hpc_zsem.resources)."""
+import numpy as np
+import pytest
+
+from hpc_zsem.errors import ConfigError
+from hpc_zsem.models.gpmm import GPMM
+from hpc_zsem.models.sssc import SSSC
+from hpc_zsem.parallel import block_ranges, shard
+from hpc_zsem.patches import PatchGrid
+from hpc_zsem.resources import (COMPONENTS, check_memory, estimate_memory_per_rank, format_bytes, measure_peak,
+                                parse_bytes, ranks_needed)
+from hpc_zsem.variational.evolution import EvolutionSettings
+from hpc_zsem.variational.states import pack
+
+GiB = 2**30
+
+
+def _sssc_params(D, H, k, rng):
+    return {"W": rng.standard_normal((D, H)), "pi": np.full(H, k / H), "mu": np.zeros(H), "psi": np.ones(H),
+            "sigma2": np.array(1.0)}
+
+
+def _states(N, S, H, k, rng):
+    """(N, S, ⌈H/64⌉) packed states with exactly k active units each."""
+    idx = np.argsort(rng.random((N, S, H)), axis=2)[:, :, :k]
+    bits = np.zeros((N, S, H), bool)
+    np.put_along_axis(bits, idx, True, axis=2)
+    return pack(bits)
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+@pytest.mark.parametrize("H", [12, 70])
+def test_patches_and_truncated_sets_match_the_real_arrays(ranks, H):
+    """The per-rank patch data and truncated sets of a small run, built as the pipeline builds them (blocks,
+    shard, extract, init_block_state), are within 25 % of the estimate for the busiest rank."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(100, 20, (40, 37))
+    grid = PatchGrid(image.shape, (5, 5), 1)
+    S, block_size = 6, 100
+    model = SSSC(H, EvolutionSettings(S=S, parents=3, children=1))
+    params = _sssc_params(grid.dim, H, 2, rng)
+    blocks = block_ranges(grid.n_patches, block_size)
+    per_rank = []
+    for rank in range(ranks):
+        nbytes = {"patches": 0, "truncated_sets": 0}
+        for b in shard(len(blocks), rank, ranks):
+            Y = grid.extract(image, np.arange(*blocks[b]))
+            K = model.init_block_state(Y, params, np.random.default_rng(b))
+            nbytes["patches"] += Y.nbytes
+            nbytes["truncated_sets"] += K.nbytes
+        per_rank.append(nbytes)
+    real = max(per_rank, key=lambda d: d["patches"])
+    est = estimate_memory_per_rank(grid.n_patches, ranks, grid.dim, "sssc", H, S, 3, 1, block_size, image.size)
+    for key in ("patches", "truncated_sets"):
+        assert abs(est[key] - real[key]) <= 0.25 * real[key], (key, est[key], real[key])
+    both_est, both_real = est["patches"] + est["truncated_sets"], real["patches"] + real["truncated_sets"]
+    assert abs(both_est - both_real) <= 0.25 * both_real
+    assert est["total"] == sum(est[c] for c in COMPONENTS)
+
+
+def test_sssc_estep_temporaries_are_close_to_the_measured_peak():
+    """The calibrated per-pair constants predict tracemalloc's peak of one E-step within a factor 1.6."""
+    rng = np.random.default_rng(1)
+    N, D, H, S, parents, k = 512, 36, 48, 16, 8, 4
+    model = SSSC(H, EvolutionSettings(S=S, parents=parents, children=2))
+    Y = rng.standard_normal((N, D))
+    params, K = _sssc_params(D, H, k, rng), _states(N, S, H, k, rng)
+    model.e_step(Y, params, K, np.random.default_rng(2))        # warm up caches and lazy imports
+    peak = measure_peak(lambda: model.e_step(Y, params, K, np.random.default_rng(2)))
+    est = estimate_memory_per_rank(N, 1, D, "sssc", H, S, parents * 2, 1, N, 64 * 64,
+                                   active_units=k)["estep_temporaries"]
+    assert peak / 1.6 <= est <= 1.6 * peak, (est, peak)
+
+
+def test_gpmm_temporaries_are_close_to_the_measured_peak():
+    rng = np.random.default_rng(3)
+    N, D, C = 1024, 36, 50
+    Y = rng.poisson(4.0, (N, D)).astype(float)
+    W = rng.random((C, D))
+    W /= W.sum(axis=1, keepdims=True)
+    params = {"W": W, "pi": np.full(C, 1 / C), "alpha": np.full(C, 2.0), "beta": np.full(C, 1.0)}
+    model = GPMM(C)
+    model.e_step(Y, params, None, rng)
+    peak = measure_peak(lambda: model.e_step(Y, params, None, rng))
+    est = estimate_memory_per_rank(N, 1, D, "gpmm", 1, 1, 0, C, N, 100)
+    assert peak / 1.6 <= est["gpmm_temporaries"] <= 1.6 * peak
+    assert est["truncated_sets"] == est["estep_temporaries"] == 0
+
+
+def test_more_ranks_never_need_more_memory():
+    args = dict(n_patches_total=10**6, D=64, model="sssc", H=64, S=60, candidates_per_patch=20, C=1,
+                block_size=1024, image_pixels=1000 * 1000)
+    totals = [estimate_memory_per_rank(ranks=r, **args)["total"] for r in (1, 2, 3, 4, 8, 100, 977, 5000)]
+    assert totals == sorted(totals, reverse=True)
+    # beyond one block per rank nothing shrinks
+    assert totals[-1] == totals[-2]
+
+
+def test_check_memory_passes_under_the_limit_and_without_one():
+    est = estimate_memory_per_rank(1000, 1, 64, "sssc", 64, 60, 20, 1, 1024, 10**4)
+    check_memory(est, est["total"])
+    check_memory(est, None)
+
+
+def test_check_memory_names_the_key_the_estimate_and_a_rank_count_that_fits():
+    est = estimate_memory_per_rank(4 * 10**6, 1, 64, "sssc", 256, 60, 20, 1, 1024, 2000 * 2000)
+    limit = 2 * GiB
+    assert est["total"] > limit
+    with pytest.raises(ConfigError) as info:
+        check_memory(est, limit)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith("resources.max_memory_per_rank: the run needs about ")
+    assert format_bytes(est["total"]) in msg and "but the limit is 2 GiB" in msg
+    assert f"patches {format_bytes(est['patches'])}" in msg
+    assert f"truncated sets {format_bytes(est['truncated_sets'])}" in msg
+    assert "E-step temporaries" in msg and "GPMM" not in msg
+    n = ranks_needed(est, limit)
+    assert n is not None and n > 1
+    assert msg.endswith(f"use at least {n} ranks or a smaller S/H")
+    inputs = dict(est.inputs)
+    assert estimate_memory_per_rank(**{**inputs, "ranks": n})["total"] <= limit
+    assert estimate_memory_per_rank(**{**inputs, "ranks": n - 1})["total"] > limit
+    # with that many ranks the check passes
+    check_memory(estimate_memory_per_rank(**{**inputs, "ranks": n}), limit)
+
+
+def test_check_memory_says_when_no_rank_count_fits():
+    # a 20000² image alone (accumulators + image) needs ~22 GiB on rank 0
+    est = estimate_memory_per_rank(10**6, 4, 64, "gpmm", 1, 1, 0, 1000, 1024, 20000 * 20000)
+    with pytest.raises(ConfigError, match=r"^resources\.max_memory_per_rank: .* more ranks cannot make it fit: "
+                                          r"use a smaller C, .*input\.crop") as info:
+        check_memory(est, 8 * GiB)
+    assert "pixel accumulators" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_check_memory_on_a_plain_dict():
+    with pytest.raises(ConfigError, match=r"needs about 3 GiB per rank \(patches 1 GiB, image 2 GiB\) but the "
+                                          r"limit is 2 GiB; use more ranks"):
+        check_memory({"patches": GiB, "image": 2 * GiB, "total": 3 * GiB}, 2 * GiB)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2GiB", 2 * GiB), ("2 GiB", 2 * GiB), ("2gib", 2 * GiB), ("2G", 2 * GiB), ("2g", 2 * GiB),
+    ("1500MB", 1500 * 10**6), ("1.5GB", 1_500_000_000), ("512MiB", 512 * 2**20), ("512M", 512 * 2**20),
+    ("64K", 65536), ("1TiB", 2**40), ("1T", 2**40), ("4096", 4096), ("4096B", 4096), (" 3 MiB ", 3 * 2**20),
+    (".5GiB", GiB // 2), (123456, 123456), (2.0 * GiB, 2 * GiB),
+])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("junk", ["", "GiB", "2 GiBs", "two GiB", "-1GiB", "0", 0, -5, "1e9", "2 G B", "2XB",
+                                  True, None, [2], {"a": 1}, float("nan"), float("inf"), "nan"])
+def test_parse_bytes_refuses_junk(junk):
+    with pytest.raises(ConfigError) as info:
+        parse_bytes(junk)
+    msg = str(info.value)
+    assert msg.startswith("resources.max_memory_per_rank: expected a memory size") and "\n" not in msg
+    assert repr(junk) in msg
+
+
+def test_parse_bytes_names_another_key():
+    with pytest.raises(ConfigError, match="^limits.mem: "):
+        parse_bytes("lots", key="limits.mem")
+
+
+@pytest.mark.parametrize("n, text", [(0, "0 B"), (1023, "1023 B"), (1024, "1 KiB"), (1536, "1.5 KiB"),
+                                     (2 * GiB, "2 GiB"), (int(3.2 * GiB), "3.2 GiB"), (5 * 2**40, "5 TiB"),
+                                     (int(1.25 * 2**20), "1.2 MiB")])
+def test_format_bytes(n, text):
+    assert format_bytes(n) == text
+
+
+def test_estimate_rejects_an_unknown_model():
+    with pytest.raises(ValueError, match="model"):
+        estimate_memory_per_rank(10, 1, 4, "pca", 1, 1, 1, 1, 10, 100)
