@@ -39,6 +39,9 @@ class PatchGrid:
     def __post_init__(self):
         if any(p > n for p, n in zip(self.size, self.image_shape)):
             raise ValueError(f"patch size {self.size} is larger than the image {self.image_shape}")
+        if self.stride > min(self.size):
+            raise ValueError(f"stride {self.stride} is larger than the patch size {self.size}: pixels between "
+                             "patches would not be covered")
 
     @cached_property
     def ys(self) -> np.ndarray:

@@ -33,8 +33,8 @@ SHAPES = {"plain_u8.tif": (37, 53), "zlib_u8.tif": (61, 45), "tiled_u16.tif": (1
 
 # Reader crashes found by this fuzzer (tifffile 2026.3.3, h5py 3.16.0 / HDF5 2.0.0, numpy 2.4): class → (reason,
 # reproducers as (file, case)). Reproduce one with ``python tests/test_fuzz_readers.py --case <file> <case>``.
-# Each class is an xfail(strict=True) test (all its cases in one child) and its cases are left out of the bulk
-# runs, so that the bulk runs stay green; when a reader is fixed, its class XPASSes: delete the entry.
+# All are fixed in the readers; each class stays as a regression test (all its cases in one child), and the
+# bulk runs include these cases too.
 CRASH_CLASSES: dict[str, tuple[str, list[tuple[str, int]]]] = {
     "tiff-series-zero-division": (
         "ZeroDivisionError from tifffile's TiffFile.series (detect_series) on a corrupt tag escapes read_image "
@@ -68,8 +68,6 @@ CRASH_CLASSES: dict[str, tuple[str, list[tuple[str, int]]]] = {
         "heap, e.g. fixed-length bytes attributes or a uint8 dataset)",
         [("result.h5", 140)]),
 }
-KNOWN_CRASHES: dict[tuple[str, int], str] = {case: name for name, (_, cases) in CRASH_CLASSES.items()
-                                             for case in cases}
 
 
 # ------------------------------------------------------------------------------------------------ files and mutations
@@ -257,15 +255,12 @@ def _originals(tmp_path_factory):
 def pytest_generate_tests(metafunc):
     if "crash_class" in metafunc.fixturenames:
         import pytest
-        params = [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=reason), id=name)
-                  for name, (reason, _) in CRASH_CLASSES.items()]
-        metafunc.parametrize("crash_class", params or [pytest.param(None, marks=pytest.mark.skip(
-            reason="no known reader crash"))])
+        metafunc.parametrize("crash_class", list(CRASH_CLASSES))
 
 
 def _bulk(name, tmp_path_factory):
     paths = _originals(tmp_path_factory)
-    cases = [i for i in range(CASES) if (name, i) not in KNOWN_CRASHES]
+    cases = list(range(CASES))
     rows = run_in_child(name, paths[name], cases)
     bad = [r for r in rows if r["outcome"] not in ("ok", "input_error")]
     counts = {o: sum(r["outcome"] == o for r in rows) for o in ("ok", "input_error")}
@@ -316,8 +311,8 @@ def test_fuzz_result_hdf5(tmp_path_factory):
 
 
 def test_known_reader_crash(crash_class, tmp_path_factory):
-    """The recorded reproducers of one crash class (see CRASH_CLASSES); xfail(strict) until the reader is
-    fixed."""
+    """Regression test: the recorded reproducers of one crash class that fuzzing found (see CRASH_CLASSES;
+    all fixed) now give a result or a clean InputError."""
     paths = _originals(tmp_path_factory)
     cases = CRASH_CLASSES[crash_class][1]
     rows = []

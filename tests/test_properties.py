@@ -82,7 +82,7 @@ def test_every_pixel_is_covered(case):
 
 
 @PROPS
-@given(grids(covering=False))
+@given(grids())
 def test_extract_matches_a_naive_double_loop(case):
     grid, image, seed = case
     naive = _naive_patches(grid, image)

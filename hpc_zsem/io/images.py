@@ -24,7 +24,7 @@ _DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 _CHUNK = 1 << 20
 # What tifffile and the codecs raise on unreadable, corrupt or truncated files.
 _READ_ERRORS = (tifffile.TiffFileError, OSError, ValueError, struct.error, zlib.error, EOFError,
-                KeyError, IndexError, RuntimeError, TypeError)
+                KeyError, IndexError, RuntimeError, TypeError, ZeroDivisionError, OverflowError, MemoryError)
 
 
 def resolve_input_path(path: str | os.PathLike) -> Path:
@@ -118,9 +118,9 @@ def _read_plane(tif: tifffile.TiffFile, layout: _Layout, section: int | None, na
             data = tif.asarray(series=0, key=index)
         else:  # several planes in one page (e.g. a volumetric tile): read all, pick one
             data = tif.asarray(series=0).reshape(-1, *layout.plane)[index]
+        return np.asarray(data).reshape(layout.plane)
     except _READ_ERRORS as exc:
         raise InputError(f"{name}: cannot read pixel data; the file may be truncated or corrupt ({exc})") from None
-    return np.asarray(data).reshape(layout.plane)
 
 
 def _crop(image: np.ndarray, crop: tuple[int, int, int, int] | None, name: str) -> np.ndarray:

@@ -227,6 +227,8 @@ class TiffSource(ImageSource):
                       for ix in range(x0 // tw, (x1 - 1) // tw + 1)]
         else:
             rps = min(kf.rowsperstrip, kf.imagelength)
+            if rps <= 0:
+                raise InputError(f"{self.name}: corrupt TIFF: RowsPerStrip is {kf.rowsperstrip}")
             per_plane = -(-kf.imagelength // rps)
             wanted = [d * per_plane + i for i in range(y0 // rps, (y1 - 1) // rps + 1)]
         out = np.zeros((y1 - y0, x1 - x0), dtype=self.dtype)

@@ -91,10 +91,14 @@ def _history_arrays(history: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _attr_value(key: str, value: Any) -> Any:
-    """A metadata value as an HDF5 attribute (lists of strings become variable-length string arrays)."""
+    """A metadata value as an HDF5 attribute. Text is stored as fixed-length UTF-8 bytes, never as
+    variable-length strings: libhdf5 can loop forever reading a corrupted variable-length heap (found by
+    fuzzing), while fixed-length attributes fail cleanly."""
+    if isinstance(value, str):
+        return np.bytes_(value.encode())
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-        return np.array(value, dtype=h5py.string_dtype())
-    if isinstance(value, (str, int, float, bool, np.generic, list, tuple, np.ndarray)):
+        return np.array([v.encode() for v in value], dtype=np.bytes_)
+    if isinstance(value, (int, float, bool, np.generic, list, tuple, np.ndarray)):
         return value
     raise TypeError(f"metadata {key!r}: expected str, int, float or list, got {type(value).__name__}")
 
@@ -104,7 +108,7 @@ def _write_metadata(f: h5py.File, metadata: Mapping[str, Any]) -> None:
     clash = [k for k in metadata if k in _RESERVED]
     if clash:
         raise ValueError(f"metadata keys {clash} are reserved")
-    f.attrs["format"] = FORMAT
+    f.attrs["format"] = _attr_value("format", FORMAT)
     f.attrs["format_version"] = FORMAT_VERSION
     for key, value in metadata.items():
         if value is not None:
@@ -156,22 +160,35 @@ def open_result(path: str | os.PathLike) -> h5py.File:
         f = h5py.File(path, "r")
     except OSError:
         raise InputError(f"{path}: not an HDF5 file") from None
-    version = f.attrs.get("format_version")
-    if _plain(f.attrs.get("format")) != FORMAT or not all(n in f for n in REQUIRED_IMAGES):
+    try:
+        version = f.attrs.get("format_version")
+        if _plain(f.attrs.get("format")) != FORMAT or not all(n in f for n in REQUIRED_IMAGES):
+            raise InputError(f"{path}: not an hpc_zsem result file")
+        if version is None or int(version) > FORMAT_VERSION:
+            raise InputError(f"{path}: result format_version {version} is not supported "
+                             f"(expected <= {FORMAT_VERSION})")
+    except Exception as exc:
         f.close()
-        raise InputError(f"{path}: not an hpc_zsem result file")
-    if version is None or int(version) > FORMAT_VERSION:
-        f.close()
-        raise InputError(f"{path}: result format_version {version} is not supported (expected <= {FORMAT_VERSION})")
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"{path}: corrupt result file ({type(exc).__name__}: {exc})") from None
     return f
+
+
+def _group_arrays(f: h5py.File, name: str) -> dict[str, np.ndarray]:
+    group = f.get(name)
+    return {} if group is None else {k: group[k][()] for k in group.keys()}
 
 
 def read_result(path: str | os.PathLike) -> dict[str, Any]:
     """Load a result file: keys mean, variance, input (arrays), params, history (dicts of arrays) and
-    metadata (dict of all root attributes, as builtins)."""
+    metadata (dict of all root attributes, as builtins). A damaged file gives InputError."""
     with open_result(path) as f:
-        out: dict[str, Any] = {name: f[name][()] if name in f else None for name in IMAGES}
-        out["params"] = {k: v[()] for k, v in f["params"].items()}
-        out["history"] = {k: v[()] for k, v in f["history"].items()}
-        out["metadata"] = {k: _plain(v) for k, v in f.attrs.items()}
+        try:
+            out: dict[str, Any] = {name: f[name][()] if name in f else None for name in IMAGES}
+            out["params"] = _group_arrays(f, "params")
+            out["history"] = _group_arrays(f, "history")
+            out["metadata"] = {k: _plain(v) for k, v in f.attrs.items()}
+        except (OSError, RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise InputError(f"{path}: corrupt result file ({type(exc).__name__}: {exc})") from None
     return out
