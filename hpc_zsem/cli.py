@@ -1,12 +1,14 @@
 """The ``hpc-zsem`` command: ``run`` a config, show ``info`` on a result file, ``export`` images.
 
 Exit codes: 0 success, 2 bad config/input/output (one-line message, nothing written), 1 unexpected error
-(traceback; under MPI every rank is aborted).
+(traceback; under MPI every rank is aborted), 75 stopped by SIGUSR1/SIGTERM after writing a checkpoint (run
+the same command again to resume), 143 a second SIGTERM (immediate exit).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from hpc_zsem import __version__
@@ -25,18 +27,23 @@ def _setup_logging(rank: int) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from hpc_zsem.config import load_config
+    from hpc_zsem.io.checkpoint import check_checkpoint_path, find_resumable
     from hpc_zsem.parallel import get_comm, install_abort_on_exception, limit_blas_threads
-    from hpc_zsem import pipeline
+    from hpc_zsem import pipeline, signals
 
     comm = get_comm()
     install_abort_on_exception(comm)
+    stop = signals.install()
     _setup_logging(comm.rank)
     # Expected errors are found on rank 0 and broadcast, so every rank exits with the same message and code.
     outcome = None
+    resume = None
     if comm.rank == 0:
         try:
             config = load_config(args.config, args.set)
             pipeline.preflight(config, args.overwrite)
+            check_checkpoint_path(config)
+            resume = find_resumable(config, restart=args.restart)
             outcome = ("ok", config)
         except HpcZsemError as exc:
             outcome = ("error", str(exc))
@@ -47,7 +54,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 2
     with limit_blas_threads(args.threads if args.threads else (1 if comm.size > 1 else None)):
         try:
-            pipeline.run(payload, comm, overwrite=args.overwrite)
+            pipeline.run(payload, comm, overwrite=args.overwrite, resume=resume, stop=stop)
+        except signals.StopRequested as exc:
+            if comm.rank == 0:
+                logging.getLogger("hpc_zsem").info("%s (exit code %d)", exc, exc.exit_code)
+            return exc.exit_code
         except HpcZsemError as exc:
             if comm.size > 1:
                 comm.abort(f"hpc-zsem: error: {exc}", 2)
@@ -56,9 +67,37 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_info_checkpoint(path: str) -> int:
+    from hpc_zsem.io.checkpoint import CheckpointError, read_checkpoint
+
+    try:
+        ckpt = read_checkpoint(path)
+        integrity = "checksum ok"
+    except CheckpointError as exc:
+        print(f"hpc-zsem: error: {exc}", file=sys.stderr)
+        return 2
+    g = ckpt.geometry
+    print(f"{path}: hpc_zsem checkpoint at {ckpt.position}, written {ckpt.created} by hpc_zsem {ckpt.version} "
+          f"on {ckpt.ranks} rank(s) ({integrity})")
+    print(f"  model {ckpt.model}, image {tuple(g['image_shape'])}, {g['n_patches']} patches of {g['patch_size']} "
+          f"(stride {g['stride']}, blocks of {g['block_size']}), input {ckpt.input_path} ({ckpt.input_checksum})")
+    epochs = len(ckpt.history.get("epoch", []))
+    print(f"  {epochs} training epochs done; last free energy per patch {ckpt.free_energy:.6g}; "
+          f"run time so far {ckpt.elapsed_seconds:.1f}s")
+    states = "none" if ckpt.states is None else f"{ckpt.states.dtype} {tuple(ckpt.states.shape)}"
+    print("  params: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in ckpt.params.items()) + f"; states: {states}")
+    print(f"  config (hash {ckpt.config_hash}):")
+    for line in ckpt.config_yaml.splitlines():
+        print("    " + line)
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
+    from hpc_zsem.io.checkpoint import is_checkpoint
     from hpc_zsem.io.results import read_result
 
+    if is_checkpoint(args.file) or ".ckpt." in os.path.basename(args.file):
+        return _cmd_info_checkpoint(args.file)
     result = read_result(args.file)
     meta = result["metadata"]
     history = result["history"]
@@ -76,6 +115,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_slurm(args: argparse.Namespace) -> int:
+    from hpc_zsem.config import load_config
+    from hpc_zsem.slurm import effective_shape, render
+
+    config = load_config(args.config, args.set)
+    print(render(args.config, config, effective_shape(config), args.template, args.ranks, args.nodes, args.time,
+                 args.cpus_per_task, args.set), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hpc_zsem import export
 
@@ -88,13 +137,29 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set model.H=128 (repeatable)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    run.add_argument("--restart", action="store_true",
+                     help="ignore an existing checkpoint and start afresh (it is replaced when this run writes "
+                          "its first checkpoint); by default a run resumes from its checkpoint")
     run.add_argument("--threads", type=int, default=0,
                      help="BLAS threads per rank (default: 1 under MPI, the library default otherwise)")
     run.set_defaults(func=_cmd_run)
 
-    info = sub.add_parser("info", help="show what a result file holds")
+    info = sub.add_parser("info", help="show what a result or checkpoint file holds")
     info.add_argument("file")
     info.set_defaults(func=_cmd_info)
+
+    slurm = sub.add_parser("slurm", help="print a SLURM job script from jobs/ filled in for a config "
+                                          "(ranks, time, memory estimate)")
+    slurm.add_argument("config", help="YAML config file")
+    slurm.add_argument("--template", default="long_requeue",
+                       help="long_requeue (default), single_node, multi_node or array (see jobs/README.md)")
+    slurm.add_argument("--ranks", type=int, default=4, help="MPI ranks (default 4)")
+    slurm.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    slurm.add_argument("--cpus-per-task", type=int, default=1, help="cores (BLAS threads) per rank (default 1)")
+    slurm.add_argument("--time", help="walltime, e.g. 24:00:00 (default: the template's)")
+    slurm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="config override, also passed on to the job (repeatable)")
+    slurm.set_defaults(func=_cmd_slurm)
 
     export.add_parser(sub)
     return parser

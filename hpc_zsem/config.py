@@ -68,13 +68,14 @@ def _bounds_text(lo: int | None, hi: int | None) -> str:
 _FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
-def real(*, positive: bool = False, nullable: bool = False) -> Validator:
-    """A finite float (an int is accepted), > 0 if ``positive``, or null if ``nullable``.
+def real(*, positive: bool = False, nonnegative: bool = False, nullable: bool = False) -> Validator:
+    """A finite float (an int is accepted), > 0 if ``positive``, >= 0 if ``nonnegative``, or null if ``nullable``.
 
     A string such as ``1e-3`` is accepted as a number: PyYAML (YAML 1.1) reads exponents without a dot as
     strings, which would otherwise surprise users.
     """
-    what = ("a number > 0" if positive else "a number") + (" or null" if nullable else "")
+    what = ("a number > 0" if positive else "a number >= 0" if nonnegative else "a number") + \
+        (" or null" if nullable else "")
 
     def check(value: Any) -> float | None:
         if value is None and nullable:
@@ -84,19 +85,22 @@ def real(*, positive: bool = False, nullable: bool = False) -> Validator:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _Expected(what)
         value = float(value)
-        if not math.isfinite(value) or (positive and value <= 0):
+        if not math.isfinite(value) or (positive and value <= 0) or (nonnegative and value < 0):
             raise _Expected(what)
         return value
 
     return check
 
 
-def string() -> Validator:
-    """A non-empty string."""
+def string(*, nullable: bool = False) -> Validator:
+    """A non-empty string, or null if ``nullable``."""
+    what = "a non-empty string" + (" or null" if nullable else "")
 
-    def check(value: Any) -> str:
+    def check(value: Any) -> str | None:
+        if value is None and nullable:
+            return None
         if not isinstance(value, str) or not value:
-            raise _Expected("a non-empty string")
+            raise _Expected(what)
         return value
 
     return check
@@ -229,6 +233,14 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    path: str | None = _opt(None, string(nullable=True), "checkpoint file; null = output.path with suffix .ckpt.h5")
+    every_epochs: int = _opt(10, integer(0), "write a checkpoint every n epochs (0 = off)")
+    every_seconds: float = _opt(1800.0, real(nonnegative=True), "write a checkpoint when this many seconds have "
+                                "passed since the last one (0 = off)")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration; build it with :func:`load_config` or :func:`config_from_dict`."""
 
@@ -240,6 +252,7 @@ class Config:
     truncation: TruncationConfig
     output: OutputConfig
     logging: LoggingConfig
+    checkpoint: CheckpointConfig
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict of builtins (tuples become lists)."""

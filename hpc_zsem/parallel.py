@@ -6,7 +6,8 @@ the pipeline needs, on float64 arrays and picklable objects:
 
 - ``allreduce_stats`` sums a dict of arrays over ranks in ONE message (the sufficient statistics per epoch);
 - ``reduce_sum`` sums arrays onto rank 0 (pixel accumulators);
-- ``bcast`` / ``allgather`` for small objects;
+- ``bcast`` / ``allgather`` for small objects; ``gather`` / ``scatter`` (rank 0) for per-block states of
+  checkpoints;
 - ``abort`` ends every rank with a message and an exit code.
 
 Work is split in fixed global blocks of patches (``block_ranges``); each rank owns a contiguous run of whole
@@ -77,6 +78,12 @@ class SerialComm:
     def allgather(self, obj: Any) -> list[Any]:
         return [obj]
 
+    def gather(self, obj: Any) -> list[Any] | None:
+        return [obj]
+
+    def scatter(self, objs: list[Any] | None) -> Any:
+        return objs[0]
+
     def barrier(self) -> None:
         pass
 
@@ -111,6 +118,12 @@ class MPIComm:
 
     def allgather(self, obj: Any) -> list[Any]:
         return self._comm.allgather(obj)
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        return self._comm.gather(obj, root=0)
+
+    def scatter(self, objs: list[Any] | None) -> Any:
+        return self._comm.scatter(objs, root=0)
 
     def barrier(self) -> None:
         self._comm.Barrier()

@@ -2,8 +2,15 @@
 
 Identical on every rank except for the blocks of patches each rank owns::
 
-    train:    repeat { E-step on local blocks ─▶ allreduce statistics ─▶ M-step (same on every rank) }
-    estimate: E-steps with Θ frozen ─▶ patch estimates ─▶ pixel accumulators ─▶ reduce to rank 0 ─▶ HDF5
+    train:    repeat { E-step on local blocks ─▶ allreduce statistics ─▶ M-step (same on every rank) ─▶ checkpoint? }
+    estimate: E-steps with Θ frozen (─▶ checkpoint?) ─▶ patch estimates ─▶ pixel accumulators ─▶ reduce to rank 0 ─▶ HDF5
+
+Checkpoints (``hpc_zsem.io.checkpoint``) are written at epoch boundaries only: every ``checkpoint.every_epochs``
+epochs, when ``checkpoint.every_seconds`` have passed on any rank, and when any rank got SIGUSR1/SIGTERM (then
+the run stops with ``StopRequested``). The per-rank decisions travel in the statistics every epoch allreduces
+anyway, so all ranks agree without an extra message. A resumed run continues at the epoch after the
+checkpoint's and, since all randomness is keyed by (seed, stage, epoch, block), computes exactly what the
+uninterrupted run would have.
 """
 from __future__ import annotations
 
@@ -18,6 +25,8 @@ import numpy as np
 from hpc_zsem import __version__
 from hpc_zsem.config import Config
 from hpc_zsem.intensity import estimate_gain_offset, from_counts_mean_variance, to_counts
+from hpc_zsem.io import checkpoint as ckpt_io
+from hpc_zsem.io.checkpoint import Checkpoint
 from hpc_zsem.io.images import file_checksum, image_shape, read_image, resolve_input_path
 from hpc_zsem.io.results import check_output_path, write_result
 from hpc_zsem.models import PatchModel, PatchSummary, build_model
@@ -25,10 +34,12 @@ from hpc_zsem.parallel import (STAGE_ESTIMATE, STAGE_INIT, STAGE_PARAMS, STAGE_S
                                block_ranges, block_rng, shard)
 from hpc_zsem.patches import PatchGrid, PixelAccumulator
 from hpc_zsem.errors import InputError
+from hpc_zsem.signals import StopRequested
 
 log = logging.getLogger("hpc_zsem")
 
 INIT_SAMPLE = 4096   # patches drawn (identically on every rank) for model initialisations that need a sample
+_STOP, _TIME_DUE = "_stop_requested", "_checkpoint_due"   # control flags summed with the statistics
 
 
 @dataclass
@@ -121,8 +132,19 @@ class Run:
         self.blocks = [Block(b, *all_blocks[b], self.grid.extract(self.image, np.arange(*all_blocks[b])))
                        for b in mine]
         self.n_patches = self.grid.n_patches
+        self.n_blocks = len(all_blocks)
         self.history = History()
         self.params: dict[str, np.ndarray] = {}
+        # checkpoints and resume
+        self.stop = None                      # a StopFlag (set by `hpc-zsem run`); truthy = stop requested
+        self.checkpoint_path = ckpt_io.checkpoint_path(config)
+        self.train_from = self.estimate_from = 1
+        self.elapsed_before = 0.0             # seconds spent by the runs this one continues
+        self.resumed_from: str | None = None
+        self._input_checksum: str | None = None
+        self._last_checkpoint = time.monotonic()
+        self._started = time.perf_counter()
+        self._flags: dict[str, bool] = {}
 
     # ---------------------------------------------------------------- training
     def initialise(self) -> None:
@@ -149,11 +171,17 @@ class Run:
                                                block_rng(self.config.training.seed, stage, epoch, b.index))
             for key, value in stats.items():
                 total[key] = total[key] + value if key in total else np.asarray(value, dtype=np.float64)
-        return self.comm.allreduce_stats(total)
+        every_seconds = self.config.checkpoint.every_seconds
+        total[_STOP] = np.array(1.0 if self.stop else 0.0)
+        total[_TIME_DUE] = np.array(1.0 if every_seconds > 0 and
+                                    time.monotonic() - self._last_checkpoint >= every_seconds else 0.0)
+        stats = self.comm.allreduce_stats(total)
+        self._flags = {key: bool(stats.pop(key) > 0) for key in (_STOP, _TIME_DUE)}
+        return stats
 
     def train(self) -> None:
         epochs = self.config.training.epochs
-        for epoch in range(1, epochs + 1):
+        for epoch in range(self.train_from, epochs + 1):
             t0 = time.perf_counter()
             stats = self.e_step(STAGE_TRAIN, epoch)
             sigma2 = self.model.noise_variance(self.params)
@@ -165,6 +193,7 @@ class Run:
                                 seconds=seconds)
             if epoch % self.config.logging.every_epochs == 0 or epoch == epochs:
                 self._progress(epoch, epochs, free_energy, sigma2, accepted, seconds)
+            self._epoch_boundary("train", epoch)
 
     def _progress(self, epoch: int, epochs: int, free_energy: float, sigma2: float, accepted: float,
                   seconds: float) -> None:
@@ -181,8 +210,9 @@ class Run:
         """E-steps with Θ frozen, then every patch's estimate merged per pixel; (mean, variance) on rank 0
         (in input intensity units), None elsewhere."""
         t0 = time.perf_counter()
-        for epoch in range(1, self.config.estimation.epochs + 1):
+        for epoch in range(self.estimate_from, self.config.estimation.epochs + 1):
             self.e_step(STAGE_ESTIMATE, epoch)
+            self._epoch_boundary("estimate", epoch)
         accumulator = PixelAccumulator(self.grid.image_shape)
         for b in self.blocks:
             accumulator.add(self.grid, np.arange(b.start, b.stop), b.Y, self.model.estimate(b.Y, self.params, b.state))
@@ -196,31 +226,146 @@ class Run:
             mean, variance = from_counts_mean_variance(mean, variance, self.intensity.gain, self.intensity.offset)
         return mean, variance
 
+    # ---------------------------------------------------------------- checkpoints
+    def input_checksum(self) -> str:
+        if self._input_checksum is None:
+            self._input_checksum = file_checksum(self.config.input.path)
+        return self._input_checksum
+
+    def geometry(self) -> dict[str, Any]:
+        return {"image_shape": list(self.grid.image_shape), "patch_size": list(self.config.patches.size),
+                "stride": self.config.patches.stride, "n_patches": self.n_patches,
+                "block_size": self.config.training.block_size}
+
+    def _epoch_boundary(self, stage: str, epoch: int) -> None:
+        """Write a checkpoint if one is due (on every rank alike: the flags were allreduced); stop if asked."""
+        every = self.config.checkpoint.every_epochs
+        stop = self._flags.get(_STOP, False)
+        if stop or self._flags.get(_TIME_DUE, False) or (every > 0 and epoch % every == 0):
+            self.save_checkpoint(stage, epoch)
+        if stop:
+            raise StopRequested(f"stopped on request after {stage} epoch {epoch}; checkpoint "
+                                f"{self.checkpoint_path}; run the same command again to resume")
+
+    def save_checkpoint(self, stage: str, epoch: int) -> None:
+        """Gather every block's state to rank 0 and write the checkpoint there (collective). A failed write is
+        logged and the run goes on (the previous checkpoint stays valid)."""
+        t0 = time.perf_counter()
+        gathered = self.comm.gather([(b.index, b.state) for b in self.blocks])
+        ok = True
+        if self.comm.rank == 0:
+            try:
+                states = _assemble_states(gathered, self.n_blocks)
+                rows = self.history.rows
+                free_energy = rows["free_energy"][-1] if rows.get("free_energy") else float("nan")
+                ckpt = Checkpoint(
+                    stage=stage, epoch=epoch, params=self.params, history=rows, states=states,
+                    config_yaml=self.config.to_yaml(), config_hash=self.config.hash(),
+                    input_path=str(resolve_input_path(self.config.input.path)), input_checksum=self.input_checksum(),
+                    geometry=self.geometry(), model=self.model.name, ranks=self.comm.size,
+                    elapsed_seconds=self.elapsed_before + time.perf_counter() - self._started,
+                    version=__version__, free_energy=free_energy)
+                size = ckpt_io.write_checkpoint(self.checkpoint_path, ckpt)
+                log.info("checkpoint %s (%s epoch %d): %.1f MB in %.2fs", self.checkpoint_path,
+                         "training" if stage == "train" else "estimation", epoch, size / 2**20,
+                         time.perf_counter() - t0)
+            except OSError as exc:
+                ok = False
+                log.error("writing the checkpoint %s failed (%s); the previous one is kept",
+                          self.checkpoint_path, exc)
+        self.comm.bcast(ok)        # no rank goes on (or exits) before rank 0 has finished writing
+        self._last_checkpoint = time.monotonic()
+
+    def restore(self, ckpt: Checkpoint | None) -> None:
+        """Continue from ``ckpt`` (held by rank 0; None elsewhere), written on any number of ranks: Θ, the
+        history and the position go to every rank, each block's state to the rank that owns it now."""
+        head: tuple[str, Any] = ("ok", None)
+        if self.comm.rank == 0:
+            mismatch = [f"{k}: {ckpt.geometry.get(k)!r} in the checkpoint, {v!r} now"
+                        for k, v in self.geometry().items() if ckpt.geometry.get(k) != v]
+            if mismatch:
+                head = ("error", f"{ckpt.path}: the checkpoint's geometry differs: " + "; ".join(mismatch))
+            else:
+                head = ("ok", {"stage": ckpt.stage, "epoch": ckpt.epoch, "params": ckpt.params,
+                               "history": ckpt.history, "elapsed": ckpt.elapsed_seconds,
+                               "from": f"{ckpt.path} at {ckpt.position} (written by {ckpt.ranks} rank(s), "
+                                       f"{ckpt.created})"})
+        status, info = self.comm.bcast(head)
+        if status == "error":
+            raise InputError(info)
+        parts = None
+        if self.comm.rank == 0:
+            all_blocks = block_ranges(self.n_patches, self.config.training.block_size)
+            parts = [[None if ckpt.states is None else ckpt.states[slice(*all_blocks[b])]
+                      for b in shard(self.n_blocks, r, self.comm.size)] for r in range(self.comm.size)]
+        mine = self.comm.scatter(parts)
+        for block, state in zip(self.blocks, mine):
+            block.state = state
+        self.params = {k: np.array(v, dtype=np.float64) for k, v in info["params"].items()}
+        self.history = History(rows={k: [float(x) for x in v] for k, v in info["history"].items()})
+        if info["stage"] == "train":
+            self.train_from, self.estimate_from = info["epoch"] + 1, 1
+        else:
+            self.train_from, self.estimate_from = self.config.training.epochs + 1, info["epoch"] + 1
+        self.elapsed_before = info["elapsed"]
+        self.resumed_from = info["from"]
+        if ckpt is not None:
+            self._input_checksum = ckpt.input_checksum       # verified equal to the input's before resuming
+        log.info("resuming from %s", self.resumed_from)
+
     def metadata(self, started: str, seconds: float) -> dict[str, Any]:
         c = self.config
         return {"version": __version__, "model": c.model.name, "config": c.to_yaml(), "config_hash": c.hash(),
                 "created": started, "runtime_seconds": seconds, "ranks": self.comm.size, "seed": c.training.seed,
-                "input_path": str(resolve_input_path(c.input.path)), "input_checksum": file_checksum(c.input.path),
+                "input_path": str(resolve_input_path(c.input.path)), "input_checksum": self.input_checksum(),
                 "patch_size": list(c.patches.size), "n_patches": self.n_patches,
-                "intensity_gain": self.intensity.gain, "intensity_offset": self.intensity.offset}
+                "intensity_gain": self.intensity.gain, "intensity_offset": self.intensity.offset,
+                "resumed_from": self.resumed_from}
 
 
-def run(config: Config, comm, overwrite: bool = False) -> None:
-    """Train, estimate and write the result file (rank 0). Expected errors raise ``HpcZsemError``."""
+def _assemble_states(gathered: list[list[tuple[int, Any]]], n_blocks: int) -> np.ndarray | None:
+    """The per-block states of all ranks as one array in global patch order (None if the model has none)."""
+    by_block = dict(item for part in gathered for item in part)
+    if sorted(by_block) != list(range(n_blocks)):
+        raise RuntimeError(f"checkpoint: got the states of blocks {sorted(by_block)}, expected 0..{n_blocks - 1}")
+    states = [by_block[b] for b in range(n_blocks)]
+    if all(s is None for s in states):
+        return None
+    if not all(isinstance(s, np.ndarray) for s in states):
+        raise TypeError("checkpoint: per-block states must all be numpy arrays (one row per patch) or all None")
+    return np.concatenate(states, axis=0)
+
+
+def run(config: Config, comm, overwrite: bool = False, resume: Checkpoint | None = None, stop=None) -> None:
+    """Train, estimate and write the result file (rank 0). Expected errors raise ``HpcZsemError``.
+
+    ``resume`` (on rank 0; see ``hpc_zsem.io.checkpoint.find_resumable``) continues a checkpointed run;
+    ``stop`` is a flag (``hpc_zsem.signals.StopFlag``) that, once truthy on any rank, makes every rank write a
+    checkpoint at the next epoch boundary and raise ``StopRequested``. After the result is written the
+    checkpoints are deleted."""
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     job = Run(config, comm)
+    job.stop = stop
+    job._started = t0
     log.info("hpc-zsem %s: %s on %s (%d×%d pixels), %d patches of %d×%d, %d rank(s), %d local block(s)",
              __version__, config.model.name, config.input.path, *job.grid.image_shape, job.n_patches,
              *config.patches.size, comm.size, len(job.blocks))
-    job.initialise()
+    if comm.bcast(resume is not None):
+        job.restore(resume)
+    else:
+        job.initialise()
     job.train()
     merged = job.estimate()
     if merged is None:
         return
     mean, variance = merged
     write_result(config.output.path, mean=mean, variance=variance, noisy=job.noisy, params=job.params,
-                 history=job.history.rows, metadata=job.metadata(started, time.perf_counter() - t0),
+                 history=job.history.rows,
+                 metadata=job.metadata(started, job.elapsed_before + time.perf_counter() - t0),
                  overwrite=overwrite)
     log.info("wrote %s (mean, variance %d×%d) in %s", config.output.path, *mean.shape,
              _format_seconds(time.perf_counter() - t0))
+    removed = ckpt_io.remove(job.checkpoint_path)
+    if removed:
+        log.info("removed the checkpoint(s) of this run: %s", ", ".join(str(p) for p in removed))

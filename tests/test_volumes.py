@@ -44,7 +44,7 @@ def test_round_trip_chunked_compressed(tmp_path, shape):
             size = ds.attrs["element_size_um"]
             assert len(size) == len(shape) and np.allclose(size[-2:], 0.005)
             np.testing.assert_array_equal(ds[()], ref)
-        assert f.attrs["model"] == "sssc" and f.attrs["format"] == "hpc_zsem-result"
+        assert f.attrs["model"] == b"sssc" and f.attrs["format"] == b"hpc_zsem-result"   # fixed-length bytes
         np.testing.assert_array_equal(f["params/W"][()], np.ones((3, 2)))
 
 

@@ -1,0 +1,262 @@
+"""The job templates of jobs/ on a real SLURM (skipped when `sinfo` does not answer; CI starts a one-node SLURM
+with ../shared/tools/setup-local-slurm.sh). The templates are submitted unchanged: only their variables are
+set, through the environment that sbatch exports, and #SBATCH options are overridden on the command line.
+Job states are polled with `scontrol show job` under a timeout (not `sbatch --wait`)."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from hpc_zsem.io.images import read_image
+from hpc_zsem.io.results import read_result
+
+ROOT = Path(__file__).resolve().parents[1]
+JOBS = ROOT / "jobs"
+FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+         "PREEMPTED")
+
+
+def _slurm_ready() -> bool:
+    if not all(shutil.which(c) for c in ("sinfo", "sbatch", "scontrol", "scancel", "srun")):
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%a %t"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and any(line.split()[:1] == ["up"] and not line.split()[1].startswith(("down", "drain"))
+                                       for line in out.stdout.splitlines() if len(line.split()) == 2)
+
+
+SLURM_READY = _slurm_ready()
+needs_slurm = pytest.mark.skipif(not SLURM_READY, reason="no SLURM answers (sinfo); CI runs "
+                                 "../shared/tools/setup-local-slurm.sh first")
+
+
+def _job(job: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=20)
+    fields: dict[str, str] = {}
+    for line in out.stdout.splitlines():      # one line per array task; keep the first and the states of all
+        for key, value in re.findall(r"(\w+)=(\S*)", line):
+            fields.setdefault(key, value)
+        fields.setdefault("_states", "")
+        fields["_states"] += re.search(r"JobState=(\S+)", line).group(1) + " " if "JobState=" in line else ""
+    return fields
+
+
+def _wait_job(job: str, timeout: float) -> dict[str, str]:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        info = _job(job)
+        states = info.get("_states", "").split()
+        if states and all(s in FINAL for s in states):
+            return info
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} not finished after {timeout}s: {_job(job)}")
+
+
+def _submit(cwd: Path, env: dict[str, str], script: str, *options: str) -> str:
+    out = subprocess.run([str(JOBS / "submit.sh"), "--parsable", *options, str(JOBS / script)], cwd=cwd,
+                         env={**os.environ, **env}, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().split(";")[0]
+
+
+def _same(a: Path, b: Path) -> None:
+    ra, rb = read_result(a), read_result(b)
+    for name in ("mean", "variance"):
+        np.testing.assert_array_equal(ra[name], rb[name], err_msg=name)
+    for name in ra["params"]:
+        np.testing.assert_array_equal(ra["params"][name], rb["params"][name], err_msg=name)
+    for name in ra["history"]:
+        if name != "seconds":
+            np.testing.assert_array_equal(ra["history"][name], rb["history"][name], err_msg=name)
+
+
+CONFIG = """\
+input:
+  path: builtin:demo
+model:
+  H: 12
+truncation:
+  S: 8
+  parents: 4
+training:
+  epochs: 30
+estimation:
+  epochs: 3
+checkpoint:
+  every_epochs: 2
+  every_seconds: 0
+output:
+  path: results/out.h5
+"""
+
+
+@pytest.mark.slow
+@needs_slurm
+def test_long_requeue_checkpoints_requeues_resumes_and_matches_uninterrupted_run(tmp_path):
+    (tmp_path / "run.yaml").write_text(CONFIG)
+    env = {"CONFIG": "run.yaml", "OUTDIR": "results", "WORKDIR": str(tmp_path), "MAX_RESTARTS": "3"}
+    job = _submit(tmp_path, env, "long_requeue.sbatch", "--ntasks=2", "--mem-per-cpu=400M", "--time=10:00",
+                  "--job-name=ckpt-test")
+    reference = None
+    try:
+        ckpt = tmp_path / "results" / "out.ckpt.h5"
+        end = time.monotonic() + 60
+        while not ckpt.exists():
+            state = _job(job).get("JobState", "")
+            assert state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"), f"job {job} ended early: {state}"
+            assert time.monotonic() < end, "no checkpoint after 60 s"
+            time.sleep(0.05)
+        # the warning signal that --signal=B:USR1@... would send near the time limit
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=20)
+        # meanwhile (the requeued job waits ~10 s before it starts again) the uninterrupted run, same 2 ranks
+        reference = subprocess.Popen(["mpiexec", "-n", "2", "hpc-zsem", "run", "run.yaml", "--threads", "1",
+                                      "--set", "output.path=results/ref.h5"], cwd=tmp_path,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        info = _wait_job(job, timeout=120)
+        assert reference.wait(timeout=120) == 0
+    finally:
+        subprocess.run(["scancel", job], timeout=20)
+        if reference is not None and reference.poll() is None:
+            os.killpg(reference.pid, signal.SIGKILL)
+    log = (tmp_path / "logs" / f"ckpt-test-{job}.out").read_text()      # --open-mode=append: both starts
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1" and info["ExitCode"] == "0:0", (info, log)
+    assert "start 1 (restart 0)" in log and "start 2 (restart 1)" in log, log
+    assert "batch shell got SIGUSR1" in log and f"requeueing job {job}" in log, log
+    stopped = re.search(r"stopped on request after train epoch (\d+)", log)
+    assert stopped, log
+    assert f"resuming from results/out.ckpt.h5 at training epoch {stopped.group(1)} (written by 2 rank(s)" in log
+    assert int(stopped.group(1)) < 30, "the signal came too late to test a resume of training"
+    assert not ckpt.exists() and not (tmp_path / "results" / "out.ckpt.prev.h5").exists()
+    meta = read_result(tmp_path / "results" / "out.h5")["metadata"]
+    assert meta["ranks"] == 2 and meta["resumed_from"].startswith("results/out.ckpt.h5")
+    _same(tmp_path / "results" / "ref.h5", tmp_path / "results" / "out.h5")
+
+
+def _has_partition(name: str) -> bool:
+    out = subprocess.run(["sinfo", "-h", "-p", name, "-o", "%P"], capture_output=True, text=True, timeout=10)
+    return out.returncode == 0 and bool(out.stdout.strip())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SLURM_READY or not _has_partition("urgent"),
+                    reason="needs the preempting 'urgent' partition of setup-local-slurm.sh")
+def test_long_requeue_survives_preemption(tmp_path):
+    """A job in 'urgent' preempts it (PreemptMode=REQUEUE, GraceTime): slurmstepd sends SIGTERM to the tasks,
+    which checkpoint within the grace time and exit 75; the job is requeued and resumes."""
+    (tmp_path / "run.yaml").write_text(CONFIG.replace("epochs: 30", "epochs: 50"))
+    cpus = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True, timeout=10).stdout.split()[0]
+    env = {"CONFIG": "run.yaml", "OUTDIR": "results", "WORKDIR": str(tmp_path), "MAX_RESTARTS": "3"}
+    job = _submit(tmp_path, env, "long_requeue.sbatch", "--ntasks=2", "--mem-per-cpu=400M", "--time=10:00",
+                  "--job-name=preempt-test")
+    urgent = None
+    try:
+        ckpt = tmp_path / "results" / "out.ckpt.h5"
+        end = time.monotonic() + 60
+        while not ckpt.exists():
+            assert _job(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), _job(job)
+            assert time.monotonic() < end, "no checkpoint after 60 s"
+            time.sleep(0.05)
+        urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", f"--ntasks={cpus}", "--mem-per-cpu=50M",
+                                 "--output=/dev/null", "--wrap", "sleep 2"], capture_output=True, text=True,
+                                timeout=20, check=True).stdout.strip()
+        reference = subprocess.run(["mpiexec", "-n", "2", "hpc-zsem", "run", "run.yaml", "--threads", "1", "--set",
+                                    "output.path=results/ref.h5"], cwd=tmp_path, capture_output=True, timeout=120)
+        assert reference.returncode == 0
+        info = _wait_job(job, timeout=120)
+    finally:
+        subprocess.run(["scancel", job] + ([urgent] if urgent else []), timeout=20)
+    log = (tmp_path / "logs" / f"preempt-test-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log)
+    assert "received SIGTERM" in log and "second SIGTERM" not in log, log
+    stopped = re.search(r"stopped on request after train epoch (\d+)", log)
+    assert stopped and f"at training epoch {stopped.group(1)} (written by 2 rank(s)" in log, log
+    _same(tmp_path / "results" / "ref.h5", tmp_path / "results" / "out.h5")
+
+
+@pytest.mark.slow
+@needs_slurm
+def test_array_runs_one_task_per_image(tmp_path):
+    demo = read_image("builtin:demo")
+    names = ["left", "right"]
+    tifffile.imwrite(tmp_path / "left.tif", demo[:48, :48])
+    tifffile.imwrite(tmp_path / "right.tif", demo[-48:, -48:])
+    (tmp_path / "images.txt").write_text("left.tif\nright.tif\n")
+    (tmp_path / "run.yaml").write_text(CONFIG.replace("epochs: 30", "epochs: 3"))
+    env = {"CONFIG": "run.yaml", "LIST": "images.txt", "OUTDIR": "out", "WORKDIR": str(tmp_path)}
+    job = _submit(tmp_path, env, "array.sbatch", "--array=1-2", "--ntasks=1", "--mem-per-cpu=400M",
+                  "--time=10:00", "--job-name=array-test")
+    try:
+        info = _wait_job(job, timeout=120)
+    finally:
+        subprocess.run(["scancel", job], timeout=20)
+    logs = {n: (tmp_path / "logs" / f"array-test-{job}_{i}.out").read_text() for i, n in enumerate(names, 1)}
+    assert info["_states"].split() == ["COMPLETED", "COMPLETED"], (info, logs)
+    for i, name in enumerate(names, 1):
+        assert f"task {i}: {name}.tif -> out/{name}.h5" in logs[name], logs[name]
+        result = read_result(tmp_path / "out" / f"{name}.h5")
+        assert result["mean"].shape == (48, 48) and result["metadata"]["input_path"].endswith(f"{name}.tif")
+        local = tmp_path / f"local-{name}.h5"
+        subprocess.run(["hpc-zsem", "run", "run.yaml", "--threads", "1", "--set", f"input.path={name}.tif",
+                        "--set", f"output.path={local}"], cwd=tmp_path, check=True, timeout=120,
+                       capture_output=True)
+        _same(local, tmp_path / "out" / f"{name}.h5")
+
+
+def _render(tmp_path: Path, *args: str) -> str:
+    out = subprocess.run(["hpc-zsem", "slurm", "run.yaml", *args], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_slurm_command_fills_only_sbatch_lines_and_variables(tmp_path):
+    (tmp_path / "run.yaml").write_text(CONFIG)
+    text = _render(tmp_path, "--ranks", "6", "--time", "1-00:00:00", "--set", "model.H=64")
+    original = (JOBS / "long_requeue.sbatch").read_text().splitlines()
+    lines = text.splitlines()
+    assert "#SBATCH --ntasks=6" in lines and "#SBATCH --time=1-00:00:00" in lines
+    assert "#SBATCH --signal=B:USR1@300" in lines and "#SBATCH --requeue" in lines
+    assert "CONFIG=${CONFIG:-run.yaml}" in text and "SET=${SET:---set model.H=64}" in text
+    mem = re.search(r"#SBATCH --mem-per-cpu=(\d+)M", text)
+    assert mem and 150 <= int(mem.group(1)) <= 1000
+    assert re.search(r"memory estimate \d+ MB per rank", lines[1])
+    changed = [line for line in lines[2:] if line not in original]
+    assert all(line.startswith(("#SBATCH", "CONFIG=", "SET=", "OUTDIR=")) for line in changed), changed
+    assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+    multi = _render(tmp_path, "--template", "multi_node", "--ranks", "8", "--nodes", "2")
+    assert "#SBATCH --ntasks-per-node=4" in multi and "#SBATCH --nodes=2" in multi and "--ntasks=" not in multi
+
+
+@pytest.mark.slow
+@needs_slurm
+@pytest.mark.parametrize("template", ["single_node", "multi_node"])
+def test_rendered_script_runs(tmp_path, template):
+    """`hpc-zsem slurm` output submitted as it is (multi_node on the one node there is)."""
+    (tmp_path / "run.yaml").write_text(CONFIG.replace("epochs: 30", "epochs: 2"))
+    script = tmp_path / "job.sbatch"
+    script.write_text(_render(tmp_path, "--template", template, "--ranks", "2", "--nodes", "1", "--time", "5:00"))
+    env = {**os.environ, "WORKDIR": str(tmp_path)}
+    (tmp_path / "logs").mkdir()
+    out = subprocess.run(["sbatch", "--parsable", "--job-name=single-test", str(script)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    job = out.stdout.strip()
+    try:
+        info = _wait_job(job, timeout=120)
+    finally:
+        subprocess.run(["scancel", job], timeout=20)
+    log = (tmp_path / "logs" / f"single-test-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", (info, log)
+    assert "2 task(s)" in log and "2 rank(s)" in log and "hpc-zsem exited with code 0" in log, log
+    assert read_result(tmp_path / "results" / "out.h5")["metadata"]["ranks"] == 2
