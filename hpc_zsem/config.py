@@ -203,12 +203,18 @@ class ModelConfig:
 class TrainingConfig:
     epochs: int = _opt(50, integer(0), "training epochs")
     seed: int = _opt(0, integer(0), "random seed")
-    block_size: int = _opt(1024, integer(1), "patches per random-number block (part of the determinism contract)")
+    block_size: int = _opt(1024, integer(1), "patches per vectorised E-step block (speed/memory only: random "
+                           "numbers are keyed by global patch index, so results do not depend on it)")
+    max_patches: int | None = _opt(None, integer(1, nullable=True), "train on this many patches drawn uniformly "
+                                   "across the image/stack (reading only their regions), then estimate tile by tile; "
+                                   "null = train on all patches in memory")
 
 
 @dataclass(frozen=True)
 class EstimationConfig:
     epochs: int = _opt(5, integer(0), "evolutionary E-steps with frozen parameters before estimating")
+    tile: tuple[int, int] = _opt((512, 512), int_pair(16, 65536), "tile height and width of the streamed "
+                                 "estimation pass (with training.max_patches)")
 
 
 @dataclass(frozen=True)
@@ -218,7 +224,8 @@ class TruncationConfig:
     children: int = _opt(1, integer(1), "children per parent")
     generations: int = _opt(1, integer(1), "generations per E-step")
     selection: str = _opt("fitness", choice("fitness", "uniform", "best"), "parent selection")
-    mutation: str = _opt("sparse", choice("sparse", "random"), "bit-flip mutation")
+    mutation: str = _opt("random", choice("sparse", "random"), "bit-flip mutation: random = one uniformly chosen "
+                         "bit; sparse = per-bit flips drifting towards the prior's number of active units")
     crossover: bool = _opt(False, boolean(), "use crossover")
 
 
@@ -240,6 +247,27 @@ class CheckpointConfig:
                                 "passed since the last one (0 = off)")
 
 
+def memory_size() -> Validator:
+    """A memory size such as 2GiB, 1500MB, 2G or a number of bytes (see resources.parse_bytes), or null."""
+    from hpc_zsem.resources import parse_bytes
+
+    def check(value: Any) -> int | None:
+        if value is None:
+            return None
+        try:
+            return parse_bytes(value)
+        except ConfigError:
+            raise _Expected("a memory size > 0 such as 2GiB, 1500MB, 2G or a number of bytes, or null") from None
+
+    return check
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    max_memory_per_rank: int | None = _opt(None, memory_size(), "refuse to start when the estimated memory per "
+                                           "rank exceeds this (e.g. 4GiB); null = no check")
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole validated configuration; build it with :func:`load_config` or :func:`config_from_dict`."""
@@ -253,6 +281,7 @@ class Config:
     output: OutputConfig
     logging: LoggingConfig
     checkpoint: CheckpointConfig
+    resources: ResourcesConfig
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict of builtins (tuples become lists)."""
@@ -326,7 +355,11 @@ def _build_section(name: str, cls: type, raw: Any, sources: Mapping[str, str], d
 
 
 def _check_cross(cfg: Config, sources: Mapping[str, str], default_source: str) -> None:
-    """Checks that involve several keys (only meaningful for SSSC)."""
+    """Checks that involve several keys."""
+    if cfg.patches.stride > min(cfg.patches.size):
+        source = sources.get("patches.stride", default_source)
+        raise ConfigError(f"{source}: patches.stride: expected at most the patch size {min(cfg.patches.size)} "
+                          f"(larger strides leave pixels uncovered), got {cfg.patches.stride}")
     if cfg.model.name != "sssc":
         return
     t, H = cfg.truncation, cfg.model.H
@@ -367,6 +400,10 @@ def _read_yaml(path: str | os.PathLike) -> Any:
             return yaml.safe_load(fh)
     except OSError as exc:
         raise ConfigError(f"{os.fspath(path)}: cannot read config file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{os.fspath(path)}: expected a UTF-8 text (YAML) file") from None
+    except RecursionError:
+        raise ConfigError(f"{os.fspath(path)}: YAML nested too deeply") from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -383,7 +420,7 @@ def _apply_override(raw: dict, text: str, sources: dict[str, str]) -> None:
         raise ConfigError(f"{OVERRIDE_SOURCE}: expected section.key=value, got {text!r}")
     try:
         value = yaml.safe_load(value_text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         raise ConfigError(f"{OVERRIDE_SOURCE}: {key}: expected a YAML value, got {value_text!r}") from None
     section, name = parts
     if not isinstance(raw.get(section), dict):
