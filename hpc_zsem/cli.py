@@ -41,7 +41,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if comm.rank == 0:
         try:
             config = load_config(args.config, args.set)
-            pipeline.preflight(config, args.overwrite)
+            pipeline.preflight(config, args.overwrite, comm.size)
             check_checkpoint_path(config)
             resume = find_resumable(config, restart=args.restart)
             outcome = ("ok", config)

@@ -27,28 +27,37 @@ from hpc_zsem.config import Config
 from hpc_zsem.intensity import estimate_gain_offset, from_counts_mean_variance, to_counts
 from hpc_zsem.io import checkpoint as ckpt_io
 from hpc_zsem.io.checkpoint import Checkpoint
-from hpc_zsem.io.images import file_checksum, image_shape, read_image, resolve_input_path
+from hpc_zsem.io.images import file_checksum, resolve_input_path
+from hpc_zsem.io.regions import open_source, pixel_size_um
 from hpc_zsem.io.results import check_output_path, write_result
+from hpc_zsem.io.volumes import VolumeWriter
 from hpc_zsem.models import PatchModel, PatchSummary, build_model
 from hpc_zsem.parallel import (STAGE_ESTIMATE, STAGE_INIT, STAGE_PARAMS, STAGE_SAMPLE, STAGE_TRAIN,
                                block_ranges, block_rng, shard)
 from hpc_zsem.patches import PatchGrid, PixelAccumulator
+from hpc_zsem.randomness import PatchRandom
+from hpc_zsem.resources import check_memory, estimate_memory_per_rank
+from hpc_zsem.streaming import stream_tiles
+from hpc_zsem.tiles import plan_tiles, training_sample
 from hpc_zsem.errors import InputError
 from hpc_zsem.signals import StopRequested
 
 log = logging.getLogger("hpc_zsem")
 
 INIT_SAMPLE = 4096   # patches drawn (identically on every rank) for model initialisations that need a sample
+GAIN_REGION = 1024   # streaming runs estimate the GPMM intensity mapping on a central region of this size
 _STOP, _TIME_DUE = "_stop_requested", "_checkpoint_due"   # control flags summed with the statistics
 
 
 @dataclass
 class Block:
-    """A fixed global block of patches owned by this rank, with its data and variational state."""
+    """A fixed block of training-set rows [start, stop) owned by this rank: the global indices of its
+    patches, their data and their variational state."""
 
     index: int
     start: int
     stop: int
+    ids: np.ndarray
     Y: np.ndarray
     state: Any = None
 
@@ -73,21 +82,35 @@ class IntensityMap:
     offset: float = 0.0
 
 
-def preflight(config: Config, overwrite: bool) -> None:
-    """Cheap checks before any heavy work (run on rank 0): output writable, input readable and large enough."""
+def _open(config: Config):
+    i = config.input
+    return open_source(i.path, i.section, crop=i.crop, downsample=i.downsample)
+
+
+def preflight(config: Config, overwrite: bool, ranks: int = 1) -> None:
+    """Cheap checks before any heavy work (run on rank 0): output writable, input readable (headers only)
+    and large enough, and the memory estimate within ``resources.max_memory_per_rank``."""
     check_output_path(config.output.path, overwrite)
-    shape = image_shape(config.input.path, section=config.input.section)
-    crop = config.input.crop
-    if crop is not None and (crop[1] > shape[0] or crop[3] > shape[1]):
-        raise InputError(f"{config.input.path}: input.crop {list(crop)} lies outside the image of shape {shape}")
-    if crop is not None:
-        shape = (crop[1] - crop[0], crop[3] - crop[2])
-    k = config.input.downsample
-    shape = (-(-shape[0] // k), -(-shape[1] // k))
+    with _open(config) as source:
+        plane, sections = source.plane_shape, source.n_sections
     h, w = config.patches.size
-    if h > shape[0] or w > shape[1]:
-        raise InputError(f"{config.input.path}: the image ({shape[0]}×{shape[1]} after crop/downsample) is "
+    if h > plane[0] or w > plane[1]:
+        raise InputError(f"{config.input.path}: the image ({plane[0]}×{plane[1]} after crop/downsample) is "
                          f"smaller than patches.size {[h, w]}")
+    grid = PatchGrid(plane, (h, w), config.patches.stride, sections)
+    streaming = _streaming(config, grid.n_patches)
+    t = config.truncation
+    estimate = estimate_memory_per_rank(
+        n_patches_total=min(grid.n_patches, config.training.max_patches or grid.n_patches), ranks=ranks,
+        D=h * w, model=config.model.name, H=config.model.H, S=t.S, candidates_per_patch=t.parents * t.children *
+        t.generations, C=config.model.C, block_size=config.training.block_size,
+        image_pixels=int(np.prod(config.estimation.tile)) if streaming else sections * plane[0] * plane[1])
+    check_memory(estimate, config.resources.max_memory_per_rank)
+
+
+def _streaming(config: Config, n_patches: int) -> bool:
+    """Train on a sample and stream the estimation tile by tile (mosaics), or keep everything in memory."""
+    return config.training.max_patches is not None and config.training.max_patches < n_patches
 
 
 def _intensity_map(config: Config, image: np.ndarray) -> IntensityMap:
@@ -116,22 +139,31 @@ class Run:
         self.config = config
         self.comm = comm
         self.model: PatchModel = build_model(config)
-        raw = read_image(config.input.path, section=config.input.section, crop=config.input.crop,
-                         downsample=config.input.downsample)
-        self.noisy = raw
-        self.intensity = _intensity_map(config, raw)
-        self.image = raw
-        if self.intensity != IntensityMap():
-            self.image, clipped = to_counts(raw, self.intensity.gain, self.intensity.offset)
-            if clipped:
-                log.warning("%d pixels were negative after subtracting the offset %.4g and were clipped to 0",
-                            clipped, self.intensity.offset)
-        self.grid = PatchGrid(self.image.shape, tuple(config.patches.size), config.patches.stride)
-        all_blocks = block_ranges(self.grid.n_patches, config.training.block_size)
-        mine = shard(len(all_blocks), comm.rank, comm.size)
-        self.blocks = [Block(b, *all_blocks[b], self.grid.extract(self.image, np.arange(*all_blocks[b])))
-                       for b in mine]
-        self.n_patches = self.grid.n_patches
+        self.source = _open(config)
+        patch = tuple(config.patches.size)
+        self.grid = PatchGrid(self.source.plane_shape, patch, config.patches.stride, self.source.n_sections)
+        self.streaming = _streaming(config, self.grid.n_patches)
+        # Random numbers are keyed by the patch's index in the whole file: a section picked with input.section
+        # gets the same numbers as in a run over the whole stack.
+        self.key_offset = (config.input.section or 0) * self.grid.per_section
+        self.noisy: np.ndarray | None = None
+        if self.streaming:
+            # Train on a sample drawn uniformly across the mosaic/stack, reading only the regions it needs.
+            sample, self.train_ids = training_sample(
+                self.source, config.training.max_patches, block_rng(config.training.seed, STAGE_SAMPLE, 1, 0),
+                patch, config.patches.stride, return_index=True)
+            self.intensity = _intensity_map(config, self._central_region())
+            self._train_Y = self._to_model_units(sample)
+        else:
+            self.noisy = self._read_all()
+            self.intensity = _intensity_map(config, self.noisy)
+            self.image = self._to_model_units(self.noisy)
+            self.train_ids = np.arange(self.grid.n_patches)
+        all_blocks = block_ranges(len(self.train_ids), config.training.block_size)
+        self.blocks = [Block(b, *all_blocks[b], self.train_ids[slice(*all_blocks[b])],
+                             self._training_patches(np.arange(*all_blocks[b])))
+                       for b in shard(len(all_blocks), comm.rank, comm.size)]
+        self.n_patches = len(self.train_ids)          # the training set
         self.n_blocks = len(all_blocks)
         self.history = History()
         self.params: dict[str, np.ndarray] = {}
@@ -146,6 +178,40 @@ class Run:
         self._started = time.perf_counter()
         self._flags: dict[str, bool] = {}
 
+    def _read_all(self) -> np.ndarray:
+        """The whole (cropped, downsampled) image, (Y, X) or (Z, Y, X) for a stack."""
+        if self.source.ndim == 2:
+            return self.source.read_section()
+        return np.stack([self.source.read_section(z) for z in range(self.source.n_sections)])
+
+    def _central_region(self) -> np.ndarray:
+        """A central region of the first section (at most GAIN_REGION² pixels) for the intensity mapping."""
+        Y, X = self.source.plane_shape
+        hy, hx = min(Y, GAIN_REGION), min(X, GAIN_REGION)
+        y0, x0 = (Y - hy) // 2, (X - hx) // 2
+        return self.source.read(0 if self.source.ndim == 3 else None, y0, y0 + hy, x0, x0 + hx)
+
+    def _to_model_units(self, values: np.ndarray) -> np.ndarray:
+        """Intensities → the model's units (counts for GPMM; unchanged for SSSC)."""
+        if self.intensity == IntensityMap():
+            return values
+        counts, clipped = to_counts(values, self.intensity.gain, self.intensity.offset)
+        if clipped:
+            log.warning("%d pixel values were negative after subtracting the offset %.4g and were clipped to 0",
+                        clipped, self.intensity.offset)
+        return counts
+
+    def _to_intensity(self, mean: np.ndarray, variance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.intensity == IntensityMap():
+            return mean, variance
+        return from_counts_mean_variance(mean, variance, self.intensity.gain, self.intensity.offset)
+
+    def _training_patches(self, rows: np.ndarray) -> np.ndarray:
+        """The training-set patches of the given rows, in model units."""
+        if self.streaming:
+            return self._train_Y[rows]
+        return self.grid.extract(self.image, self.train_ids[rows])
+
     # ---------------------------------------------------------------- training
     def initialise(self) -> None:
         """Θ from global patch moments and a global patch sample (identical on every rank), then the
@@ -158,17 +224,19 @@ class Run:
         summary = PatchSummary(int(stats["n"]), stats["sum"], stats["sum_sq"])
         seed = self.config.training.seed
         pick = block_rng(seed, STAGE_SAMPLE, 0, 0).choice(self.n_patches, min(INIT_SAMPLE, self.n_patches), replace=False)
-        sample = self.grid.extract(self.image, np.sort(pick))
+        sample = self._training_patches(np.sort(pick))
         self.params = self.model.init_params(summary, sample, block_rng(seed, STAGE_PARAMS, 0, 0))
         for b in self.blocks:
-            b.state = self.model.init_block_state(b.Y, self.params, block_rng(seed, STAGE_INIT, 0, b.index))
+            b.state = self.model.init_block_state(b.Y, self.params,
+                                                  PatchRandom(seed, STAGE_INIT, 0, b.ids + self.key_offset))
 
     def e_step(self, stage: int, epoch: int) -> dict[str, np.ndarray]:
         """One E-step over the local blocks; returns the globally summed statistics."""
         total: dict[str, np.ndarray] = {}
         for b in self.blocks:
             b.state, stats = self.model.e_step(b.Y, self.params, b.state,
-                                               block_rng(self.config.training.seed, stage, epoch, b.index))
+                                               PatchRandom(self.config.training.seed, stage, epoch,
+                                                           b.ids + self.key_offset))
             for key, value in stats.items():
                 total[key] = total[key] + value if key in total else np.asarray(value, dtype=np.float64)
         every_seconds = self.config.checkpoint.every_seconds
@@ -213,18 +281,61 @@ class Run:
         for epoch in range(self.estimate_from, self.config.estimation.epochs + 1):
             self.e_step(STAGE_ESTIMATE, epoch)
             self._epoch_boundary("estimate", epoch)
-        accumulator = PixelAccumulator(self.grid.image_shape)
+        accumulator = PixelAccumulator(self.grid.volume_shape)
         for b in self.blocks:
-            accumulator.add(self.grid, np.arange(b.start, b.stop), b.Y, self.model.estimate(b.Y, self.params, b.state))
+            accumulator.add(self.grid, b.ids, b.Y, self.model.estimate(b.Y, self.params, b.state))
         sums = self.comm.reduce_sum(accumulator.sums)
         log.info("estimation: %d E-steps with frozen parameters and the merge took %.1fs",
                  self.config.estimation.epochs, time.perf_counter() - t0)
         if sums is None:
             return None
-        mean, variance = PixelAccumulator.finish(sums, self.image)
-        if self.intensity != IntensityMap():
-            mean, variance = from_counts_mean_variance(mean, variance, self.intensity.gain, self.intensity.offset)
-        return mean, variance
+        return self._to_intensity(*PixelAccumulator.finish(sums, self.image))
+
+    def estimate_patches(self, Y: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Clean-patch estimates with Θ frozen for patches seen for the first time (streaming): a fresh
+        truncated set, ``estimation.epochs`` evolutionary E-steps, then the posterior-predictive mean. Every
+        random number is keyed by the global patch index, so a patch gets the same estimate in any tile."""
+        seed, size = self.config.training.seed, self.config.training.block_size
+        ids = ids + self.key_offset
+        out = np.empty_like(Y)
+        for start in range(0, len(Y), size):
+            part = slice(start, start + size)
+            state = self.model.init_block_state(Y[part], self.params, PatchRandom(seed, STAGE_INIT, 0, ids[part]))
+            for epoch in range(1, self.config.estimation.epochs + 1):
+                state, _ = self.model.e_step(Y[part], self.params, state,
+                                             PatchRandom(seed, STAGE_ESTIMATE, epoch, ids[part]))
+            out[part] = self.model.estimate(Y[part], self.params, state)
+        return out
+
+    def estimate_streaming(self, metadata: dict[str, Any], overwrite: bool) -> bool:
+        """The estimation pass tile by tile, written by rank 0 into chunked volumes; False if stopped."""
+        cfg = self.config
+        per = self.grid.per_section
+        tiles = plan_tiles(self.source.shape, tuple(cfg.estimation.tile), tuple(cfg.patches.size), cfg.patches.stride)
+        writer = None
+        if self.comm.rank == 0:
+            size = pixel_size_um(cfg.input.path)
+            if size is not None:
+                size = tuple(size[:-2]) + tuple(v * cfg.input.downsample for v in size[-2:])
+            writer = VolumeWriter(cfg.output.path, self.source.shape, element_size_um=size, overwrite=overwrite)
+            log.info("estimation: %d tiles of up to %d×%d pixels over %s", len(tiles), *cfg.estimation.tile,
+                     "×".join(map(str, self.source.shape)))
+        try:
+            done = stream_tiles(
+                self.comm, self.source, tiles,
+                lambda Y, ids, z: self.estimate_patches(Y, ids + (z or 0) * per),
+                tuple(cfg.patches.size), cfg.patches.stride, writer.write if writer else None,
+                transform=None if self.intensity == IntensityMap() else self._to_model_units,
+                finish=self._to_intensity, stop=self.stop)
+            if writer is not None and done:
+                writer.set_params(self.params)
+                writer.set_history(self.history.rows)
+                writer.set_metadata(metadata)
+                writer.close()
+        finally:
+            if writer is not None:
+                writer.abort()          # removes the temporary file unless close() renamed it into place
+        return done
 
     # ---------------------------------------------------------------- checkpoints
     def input_checksum(self) -> str:
@@ -233,7 +344,7 @@ class Run:
         return self._input_checksum
 
     def geometry(self) -> dict[str, Any]:
-        return {"image_shape": list(self.grid.image_shape), "patch_size": list(self.config.patches.size),
+        return {"image_shape": list(self.grid.volume_shape), "patch_size": list(self.config.patches.size),
                 "stride": self.config.patches.stride, "n_patches": self.n_patches,
                 "block_size": self.config.training.block_size}
 
@@ -318,7 +429,8 @@ class Run:
         return {"version": __version__, "model": c.model.name, "config": c.to_yaml(), "config_hash": c.hash(),
                 "created": started, "runtime_seconds": seconds, "ranks": self.comm.size, "seed": c.training.seed,
                 "input_path": str(resolve_input_path(c.input.path)), "input_checksum": self.input_checksum(),
-                "patch_size": list(c.patches.size), "n_patches": self.n_patches,
+                "patch_size": list(c.patches.size), "n_patches": self.grid.n_patches,
+                "n_training_patches": self.n_patches, "axes": "YX" if self.grid.sections == 1 else "ZYX",
                 "intensity_gain": self.intensity.gain, "intensity_offset": self.intensity.offset,
                 "resumed_from": self.resumed_from}
 
@@ -348,23 +460,35 @@ def run(config: Config, comm, overwrite: bool = False, resume: Checkpoint | None
     job = Run(config, comm)
     job.stop = stop
     job._started = t0
-    log.info("hpc-zsem %s: %s on %s (%d×%d pixels), %d patches of %d×%d, %d rank(s), %d local block(s)",
-             __version__, config.model.name, config.input.path, *job.grid.image_shape, job.n_patches,
-             *config.patches.size, comm.size, len(job.blocks))
+    log.info("hpc-zsem %s: %s on %s (%s pixels), %d patches of %d×%d%s, %d rank(s), %d local block(s)",
+             __version__, config.model.name, config.input.path, "×".join(map(str, job.grid.volume_shape)),
+             job.grid.n_patches, *config.patches.size,
+             f", training on a sample of {job.n_patches}" if job.streaming else "", comm.size, len(job.blocks))
     if comm.bcast(resume is not None):
         job.restore(resume)
     else:
         job.initialise()
+    trained_here = job.train_from <= config.training.epochs
     job.train()
-    merged = job.estimate()
-    if merged is None:
+    if job.streaming:
+        if trained_here and config.training.epochs > 0:
+            job.save_checkpoint("train", config.training.epochs)   # a preempted estimation pass resumes here
+        metadata = job.metadata(started, job.elapsed_before + time.perf_counter() - t0)
+        if not job.estimate_streaming(metadata, overwrite):
+            raise StopRequested(f"stopped on request during the estimation pass; checkpoint {job.checkpoint_path}; "
+                                "run the same command again to resume (the estimation pass restarts)")
+    else:
+        merged = job.estimate()
+        if merged is None:
+            return
+        mean, variance = merged
+        write_result(config.output.path, mean=mean, variance=variance, noisy=job.noisy, params=job.params,
+                     history=job.history.rows,
+                     metadata=job.metadata(started, job.elapsed_before + time.perf_counter() - t0),
+                     overwrite=overwrite)
+    if comm.rank != 0:
         return
-    mean, variance = merged
-    write_result(config.output.path, mean=mean, variance=variance, noisy=job.noisy, params=job.params,
-                 history=job.history.rows,
-                 metadata=job.metadata(started, job.elapsed_before + time.perf_counter() - t0),
-                 overwrite=overwrite)
-    log.info("wrote %s (mean, variance %d×%d) in %s", config.output.path, *mean.shape,
+    log.info("wrote %s (mean, variance %s) in %s", config.output.path, "×".join(map(str, job.grid.volume_shape)),
              _format_seconds(time.perf_counter() - t0))
     removed = ckpt_io.remove(job.checkpoint_path)
     if removed:

@@ -72,13 +72,13 @@ def atomic_h5_write(path: str | os.PathLike, writer: Callable[[h5py.File], None]
 
 
 def _image_dataset(f: h5py.File, name: str, image: np.ndarray) -> None:
-    """A chunked, compressed float32 (Y, X) dataset."""
+    """A chunked, compressed float32 (Y, X) or (Z, Y, X) dataset (chunks of one section × 256 × 256)."""
     image = np.asarray(image, dtype=np.float32)
-    if image.ndim != 2:
-        raise ValueError(f"{name}: expected a 2-D image, got shape {image.shape}")
-    chunks = tuple(max(1, min(_CHUNK, n)) for n in image.shape)
+    if image.ndim not in (2, 3):
+        raise ValueError(f"{name}: expected a (Y, X) image or a (Z, Y, X) volume, got shape {image.shape}")
+    chunks = (1,) * (image.ndim - 2) + tuple(max(1, min(_CHUNK, n)) for n in image.shape[-2:])
     ds = f.create_dataset(name, data=image, chunks=chunks, compression="gzip", compression_opts=4, shuffle=True)
-    ds.attrs["axes"] = "YX"
+    ds.attrs["axes"] = "YX" if image.ndim == 2 else "ZYX"
 
 
 def _history_arrays(history: Mapping[str, Any]) -> dict[str, np.ndarray]:

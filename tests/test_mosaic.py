@@ -1,0 +1,83 @@
+"""Mosaics and stacks: training on a sample, streamed tiled estimation equal to the whole-image run, (Z, Y, X)
+volumes whose sections match single-section runs with the same model."""
+import h5py
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import REPO, SHARED_ISBI, DEMO_CLEAN, run_cli
+from hpc_zsem.config import load_config
+from hpc_zsem.io.results import read_result
+from hpc_zsem.parallel import SerialComm
+from hpc_zsem.pipeline import Run, run
+
+SMALL = ["model.H=12", "truncation.S=8", "truncation.parents=4", "truncation.children=2", "training.epochs=4",
+         "estimation.epochs=2", "patches.size=[6,6]", "checkpoint.every_epochs=0"]
+
+
+@pytest.fixture(scope="module")
+def stack_path(tmp_path_factory):
+    """A 3-section EM stack (real ssTEM sections with noise σ = 25), 48×56 pixels, float32 TIFF."""
+    if SHARED_ISBI.exists():
+        clean = tifffile.imread(SHARED_ISBI, key=[3, 4, 5])[:, 100:148, 100:156].astype(np.float64)
+    else:
+        demo = tifffile.imread(DEMO_CLEAN).astype(np.float64)
+        clean = np.stack([demo[i * 20:i * 20 + 48, :56] for i in range(3)])
+    noisy = clean + np.random.default_rng(3).normal(0, 25, clean.shape)
+    path = tmp_path_factory.mktemp("stack") / "stack.tif"
+    tifffile.imwrite(path, noisy.astype(np.float32), photometric="minisblack")
+    return path
+
+
+def config_for(path, out, *extra):
+    return load_config(REPO / "configs" / "demo.yaml", [f"input.path={path}", f"output.path={out}", *SMALL, *extra])
+
+
+def test_streamed_tiles_equal_the_whole_image(em_crop, tmp_path):
+    _, noisy = em_crop
+    results = []
+    for tile in ([64, 64], [16, 16], [24, 40]):        # [64, 64]: one tile = the whole 64×64 image
+        out = tmp_path / f"t{tile[0]}x{tile[1]}.h5"
+        run(config_for(noisy, out, "training.max_patches=1500", f"estimation.tile={tile}"), SerialComm())
+        results.append(read_result(out))
+        assert results[-1]["metadata"]["n_training_patches"] == 1500
+    for other in results[1:]:
+        np.testing.assert_allclose(other["mean"], results[0]["mean"], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(other["variance"], results[0]["variance"], rtol=0, atol=1e-3)
+    clean, _ = em_crop
+    assert np.mean((results[0]["mean"] - clean) ** 2) < 0.6 * 25**2      # it denoises
+
+
+def test_stack_gives_a_volume_whose_sections_match_single_section_runs(stack_path, tmp_path):
+    out = tmp_path / "stack.h5"
+    run(config_for(stack_path, out, "training.max_patches=3000", "estimation.tile=[32,32]"), SerialComm())
+    with h5py.File(out) as f:
+        assert f["mean"].shape == (3, 48, 56) and f["mean"].chunks[0] == 1
+        assert f["mean"].attrs["axes"] == "ZYX"
+    stack = read_result(out)
+    for z in (0, 2):
+        job = Run(config_for(stack_path, tmp_path / f"z{z}.h5", f"input.section={z}", "training.max_patches=3000",
+                             "estimation.tile=[48,56]"), SerialComm())
+        job.params = stack["params"]                    # the model learned on the whole stack
+        assert job.estimate_streaming({"model": "sssc"}, overwrite=False)
+        single = read_result(tmp_path / f"z{z}.h5")
+        np.testing.assert_allclose(single["mean"], stack["mean"][z], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(single["variance"], stack["variance"][z], rtol=0, atol=1e-3)
+
+
+def test_in_memory_stack_and_two_ranks_streaming(stack_path, tmp_path):
+    out = tmp_path / "mem.h5"
+    run(config_for(stack_path, out), SerialComm())
+    assert read_result(out)["mean"].shape == (3, 48, 56)
+    outs = {}
+    for ranks in (1, 2):
+        outs[ranks] = tmp_path / f"r{ranks}.h5"
+        proc = run_cli(["run", "configs/demo.yaml", "--set", f"input.path={stack_path}", "--set",
+                        f"output.path={outs[ranks]}", *[x for kv in SMALL for x in ("--set", kv)],
+                        "--set", "training.max_patches=2000", "--set", "estimation.tile=[32,32]"],
+                       ranks=ranks, timeout=180, cwd=REPO)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "estimation: tiles" in proc.stdout
+    a, b = read_result(outs[1]), read_result(outs[2])
+    np.testing.assert_allclose(b["mean"], a["mean"], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(b["params"]["W"], a["params"]["W"], rtol=1e-9, atol=1e-9)
