@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import resource
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -177,6 +178,7 @@ class Run:
         self._last_checkpoint = time.monotonic()
         self._started = time.perf_counter()
         self._flags: dict[str, bool] = {}
+        self._reported_allreduce = False
 
     def _read_all(self) -> np.ndarray:
         """The whole (cropped, downsampled) image, (Y, X) or (Z, Y, X) for a stack."""
@@ -244,6 +246,10 @@ class Run:
         total[_TIME_DUE] = np.array(1.0 if every_seconds > 0 and
                                     time.monotonic() - self._last_checkpoint >= every_seconds else 0.0)
         stats = self.comm.allreduce_stats(total)
+        if not self._reported_allreduce:
+            log.info("allreduce of %s bytes per epoch (%d statistics)", f"{8 * sum(v.size for v in stats.values()):,}",
+                     len(stats))
+            self._reported_allreduce = True
         self._flags = {key: bool(stats.pop(key) > 0) for key in (_STOP, _TIME_DUE)}
         return stats
 
@@ -486,10 +492,12 @@ def run(config: Config, comm, overwrite: bool = False, resume: Checkpoint | None
                      history=job.history.rows,
                      metadata=job.metadata(started, job.elapsed_before + time.perf_counter() - t0),
                      overwrite=overwrite)
+    peak = comm.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
     if comm.rank != 0:
         return
-    log.info("wrote %s (mean, variance %s) in %s", config.output.path, "×".join(map(str, job.grid.volume_shape)),
-             _format_seconds(time.perf_counter() - t0))
+    log.info("wrote %s (mean, variance %s) in %s; peak resident memory per rank %s MB", config.output.path,
+             "×".join(map(str, job.grid.volume_shape)), _format_seconds(time.perf_counter() - t0),
+             "/".join(f"{p:.0f}" for p in peak))
     removed = ckpt_io.remove(job.checkpoint_path)
     if removed:
         log.info("removed the checkpoint(s) of this run: %s", ", ".join(str(p) for p in removed))

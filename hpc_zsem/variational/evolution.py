@@ -35,7 +35,7 @@ class EvolutionSettings:
     children: int = 1
     generations: int = 1
     selection: str = "fitness"   # fitness | uniform | best
-    mutation: str = "sparse"     # sparse | random
+    mutation: str = "random"     # random | sparse
     crossover: bool = False
 
 
