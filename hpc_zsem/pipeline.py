@@ -40,7 +40,7 @@ from hpc_zsem.randomness import PatchRandom
 from hpc_zsem.resources import check_memory, estimate_memory_per_rank
 from hpc_zsem.streaming import stream_tiles
 from hpc_zsem.tiles import plan_tiles, training_sample
-from hpc_zsem.errors import InputError
+from hpc_zsem.errors import InputError, OutputError
 from hpc_zsem.signals import StopRequested
 
 log = logging.getLogger("hpc_zsem")
@@ -338,6 +338,8 @@ class Run:
                 writer.set_history(self.history.rows)
                 writer.set_metadata(metadata)
                 writer.close()
+        except OSError as exc:   # e.g. a full disk: nothing is renamed into place, checkpoints stay
+            raise OutputError(f"{cfg.output.path}: cannot write the result ({exc}); nothing was replaced") from None
         finally:
             if writer is not None:
                 writer.abort()          # removes the temporary file unless close() renamed it into place

@@ -109,3 +109,29 @@ def test_recovers_bars():
     cos = (truth["W"].T @ learned) / np.outer(np.linalg.norm(truth["W"], axis=0), np.linalg.norm(learned, axis=0))
     assert np.all(cos.max(axis=1) > 0.95), cos.max(axis=1)
     assert np.allclose(np.sort(params["pi"]), 2.0 / H, atol=0.08)
+
+
+def test_degenerate_m_step_is_repaired_deterministically(caplog):
+    """A never-used latent, a singular S_szsz and σ² → 0 give finite parameters, identical on every call
+    (every MPI rank computes the same), and the repairs are logged once."""
+    rng = np.random.default_rng(5)
+    H, D, N = 4, 6, 50.0
+    model = SSSC(H, EvolutionSettings(S=4, parents=2))
+    old = random_params(rng, D, H, full_psi=False)
+    Z = rng.standard_normal((200, H))
+    Z[:, 2] = 0.0                                       # latent 2 never used
+    Z[:, 3] = Z[:, 1]                                   # latents 1 and 3 identical: S_szsz singular
+    Y = Z @ old["W"].T                                  # noiseless: σ² → 0
+    stats = {"N": np.array(N), "S_s": np.array([30.0, 20.0, 0.0, 20.0]), "S_sz": Z.sum(0) / 4,
+             "S_szsz": Z.T @ Z, "S_ysz": Y.T @ Z, "yy": np.array(np.sum(Y * Y))}
+    with caplog.at_level("INFO", logger="hpc_zsem"):
+        first = model.m_step(old, stats)
+        second = model.m_step(old, stats)
+    for key in first:
+        assert np.all(np.isfinite(first[key])), key
+        np.testing.assert_array_equal(first[key], second[key])
+    np.testing.assert_array_equal(first["W"][:, 2], old["W"][:, 2])
+    assert first["mu"][2] == old["mu"][2] and first["psi"][2] == old["psi"][2]
+    assert float(first["sigma2"]) > 0
+    repairs = [r.message for r in caplog.records if "M-step repair" in r.message]
+    assert len(repairs) == 2 and any("used by no patch" in m for m in repairs) and any("σ²" in m for m in repairs)

@@ -136,7 +136,10 @@ def write_result(path: str | os.PathLike, *, mean: np.ndarray, variance: np.ndar
         f.require_group("history")
         _write_metadata(f, metadata)
 
-    atomic_h5_write(path, writer)
+    try:
+        atomic_h5_write(path, writer)
+    except OSError as exc:   # e.g. a full disk or a lost mount: the earlier result (if any) is untouched
+        raise OutputError(f"{path}: cannot write the result ({exc}); nothing was replaced") from None
 
 
 def _plain(value: Any) -> Any:

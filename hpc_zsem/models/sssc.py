@@ -14,6 +14,7 @@ pair only the O(k²) product M_A⁻¹ r remains.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,8 @@ PI_FLOOR = 1e-6            # π stays in [PI_FLOOR, 1 − PI_FLOOR] so that log 
 VARIANCE_FLOOR = 1e-8      # relative floor of σ² and of the slab variances Ψ_hh
 UNUSED_MASS = 1e-10        # a latent with Σ_n⟨s_h⟩ below this (× N) is "never used" in the M-step
 PAIR_CHUNK = 1 << 21       # pairs × k² numbers per vectorised chunk (bounds the temporary memory)
+
+log = logging.getLogger("hpc_zsem")
 
 
 @dataclass(frozen=True)
@@ -198,6 +201,13 @@ class SSSC:
         self.H = H
         self.evolution = evolution
         self.full_psi = psi == "full"
+        self._reported: set[str] = set()
+
+    def _repaired(self, what: str) -> None:
+        """Log a deterministic M-step repair once per kind (every rank repairs alike; rank 0 logs)."""
+        if what not in self._reported:
+            self._reported.add(what)
+            log.info("M-step repair (logged once): %s", what)
 
     # ----------------------------------------------------------------- initialisation
     def init_params(self, summary: PatchSummary, sample: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -265,6 +275,8 @@ class SSSC:
         D = params["W"].shape[0]
         S_s, S_sz, S_szsz, S_ysz = stats["S_s"], stats["S_sz"], stats["S_szsz"], stats["S_ysz"]
         used = S_s > UNUSED_MASS * N
+        if not used.all():
+            self._repaired(f"{np.count_nonzero(~used)} latent(s) used by no patch keep their W column, μ and Ψ")
         W = _solve_ridge(S_szsz, S_ysz, used, params["W"])
         pi = np.clip(S_s / N, PI_FLOOR, 1.0 - PI_FLOOR)
         safe_S_s = np.where(used, S_s, 1.0)
@@ -275,7 +287,10 @@ class SSSC:
             psi = np.where(used, np.diagonal(S_szsz) / safe_S_s - mu**2, params["psi"])
             psi = np.maximum(psi, VARIANCE_FLOOR * max(1.0, float(np.abs(psi).max())))
         residual = float(stats["yy"]) - 2.0 * np.sum(W * S_ysz) + np.sum((W.T @ W) * S_szsz)
-        sigma2 = max(residual / (N * D), VARIANCE_FLOOR * float(stats["yy"]) / (N * D))
+        floor = VARIANCE_FLOOR * float(stats["yy"]) / (N * D)
+        if residual / (N * D) < floor:
+            self._repaired(f"σ² → 0 (the model explains the data exactly); floored at {floor:.3g}")
+        sigma2 = max(residual / (N * D), floor)
         return {"W": W, "pi": pi, "mu": mu, "psi": psi, "sigma2": np.array(sigma2)}
 
     def noise_variance(self, params: dict[str, np.ndarray]) -> float:
@@ -291,7 +306,10 @@ def _solve_ridge(S_szsz: np.ndarray, S_ysz: np.ndarray, used: np.ndarray, W_old:
         return W
     A = S_szsz[np.ix_(idx, idx)]
     A = A + (1e-10 * np.trace(A) / idx.size + 1e-300) * np.eye(idx.size)
-    W[:, idx] = cho_solve(cho_factor(A), S_ysz[:, idx].T).T
+    try:
+        W[:, idx] = cho_solve(cho_factor(A), S_ysz[:, idx].T).T
+    except np.linalg.LinAlgError:   # numerically singular even with the ridge: minimum-norm least squares
+        W[:, idx] = np.linalg.lstsq(A, S_ysz[:, idx].T, rcond=None)[0].T
     return W
 
 
