@@ -20,6 +20,7 @@ from hpc_zsem.models.base import PatchSummary
 from hpc_zsem.models.sssc import SSSC
 from hpc_zsem.parallel import block_ranges
 from hpc_zsem.patches import PatchGrid
+from hpc_zsem.randomness import PatchRandom
 from hpc_zsem.variational.evolution import EvolutionSettings
 
 ISBI = "../shared/data/isbi2012_sstem_30x512x512.tif"
@@ -33,20 +34,23 @@ def main():
     ap.add_argument("--parents", type=int, default=20)
     ap.add_argument("--children", type=int, default=1)
     ap.add_argument("--block", type=int, default=1024)
+    ap.add_argument("--mutation", default="random", choices=["random", "sparse"])
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
 
     clean = tifffile.imread(ISBI, key=0)[128:384, 128:384].astype(np.float64)
     noisy = clean + np.random.default_rng(0).normal(0, 25, clean.shape)
     grid = PatchGrid(noisy.shape, (8, 8))
-    blocks = [grid.extract(noisy, np.arange(a, b)) for a, b in block_ranges(grid.n_patches, args.block)]
-    model = SSSC(args.H, EvolutionSettings(S=args.S, parents=args.parents, children=args.children))
+    ranges = block_ranges(grid.n_patches, args.block)
+    blocks = [grid.extract(noisy, np.arange(a, b)) for a, b in ranges]
+    model = SSSC(args.H, EvolutionSettings(S=args.S, parents=args.parents, children=args.children,
+                                                     mutation=args.mutation))
     Y_all = np.concatenate(blocks)
     rng = np.random.default_rng(0)
     params = model.init_params(PatchSummary.from_patches(Y_all), Y_all[:10], rng)
     with threadpool_limits(limits=1):
         t0 = time.perf_counter()
-        states = [model.init_block_state(Y, params, rng) for Y in blocks]
+        states = [model.init_block_state(Y, params, PatchRandom(0, 0, 0, np.arange(*r))) for Y, r in zip(blocks, ranges)]
         print(f"N={grid.n_patches} D=64 H={args.H} S={args.S} parents={args.parents} children={args.children}: "
               f"init {time.perf_counter() - t0:.1f}s")
         if args.profile:
@@ -58,7 +62,7 @@ def main():
             t0 = time.perf_counter()
             total = None
             for i, Y in enumerate(blocks):
-                states[i], stats = model.e_step(Y, params, states[i], np.random.default_rng([epoch, i]))
+                states[i], stats = model.e_step(Y, params, states[i], PatchRandom(0, 1, epoch, np.arange(*ranges[i])))
                 total = stats if total is None else {k: total[k] + stats[k] for k in total}
             params = model.m_step(params, total)
             dt = time.perf_counter() - t0
