@@ -46,3 +46,18 @@ def test_refuses_to_overwrite_and_bad_keys(em_crop, tmp_path):
     proc = run_cli(["run", "configs/demo.yaml", "--set", f"input.path={tmp_path / 'missing.tif'}",
                     "--set", f"output.path={tmp_path / 'x.h5'}"], cwd=REPO)
     assert proc.returncode == 2 and "missing.tif" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["patches.size=[64,64]", "input.crop=[0,32,0,32]"], "smaller than patches.size"),
+    (["resources.max_memory_per_rank=1MiB"], "resources.max_memory_per_rank: the run needs about"),
+    (["output.path=/nonexistent_dir/x.h5"], "/nonexistent_dir"),
+    (["input.crop=[0,100,0,100]"], "outside the image"),
+], ids=["image-smaller-than-patch", "memory-limit", "missing-output-dir", "crop-outside"])
+def test_refused_before_any_work_with_a_one_line_message(em_crop, tmp_path, overrides, message):
+    _, noisy = em_crop
+    args = ["run", "configs/demo.yaml", "--set", f"input.path={noisy}", "--set", f"output.path={tmp_path / 'o.h5'}"]
+    proc = run_cli(args + [x for kv in overrides for x in ("--set", kv)], cwd=REPO, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "epoch" not in proc.stdout                                  # no work was started
