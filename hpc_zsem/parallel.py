@@ -11,8 +11,9 @@ the pipeline needs, on float64 arrays and picklable objects:
 - ``abort`` ends every rank with a message and an exit code.
 
 Work is split in fixed global blocks of patches (``block_ranges``); each rank owns a contiguous run of whole
-blocks (``shard``), the remainder going to the low ranks. Random numbers are keyed by (seed, stage, epoch,
-global block) in ``block_rng``, so the result does not depend on the number of ranks.
+blocks (``shard``), the remainder going to the low ranks. The E-step's random numbers are keyed by global
+patch index (``hpc_zsem.randomness``); ``block_rng`` keys the few global draws (initial Θ, samples) by
+(seed, stage, epoch, block), so the result does not depend on the number of ranks.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def shard(n_items: int, rank: int, size: int) -> range:
 
 
 def block_rng(seed: int, stage: int, epoch: int, block: int) -> np.random.Generator:
-    """Generator for one global block of patches at one (stage, epoch): identical on any number of ranks."""
+    """Generator for one global draw at one (stage, epoch, block): identical on every rank."""
     return np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, stage, epoch, block])))
 
 

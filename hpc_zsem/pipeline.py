@@ -9,7 +9,7 @@ Checkpoints (``hpc_zsem.io.checkpoint``) are written at epoch boundaries only: e
 epochs, when ``checkpoint.every_seconds`` have passed on any rank, and when any rank got SIGUSR1/SIGTERM (then
 the run stops with ``StopRequested``). The per-rank decisions travel in the statistics every epoch allreduces
 anyway, so all ranks agree without an extra message. A resumed run continues at the epoch after the
-checkpoint's and, since all randomness is keyed by (seed, stage, epoch, block), computes exactly what the
+checkpoint's and, since all randomness is keyed by (seed, stage, epoch, global patch index), computes exactly what the
 uninterrupted run would have.
 """
 from __future__ import annotations

@@ -13,7 +13,8 @@ The pipeline (``hpc_zsem.pipeline``) drives it like this, identically on every r
         params = model.m_step(params, stats)                    # identical on every rank
     for each local block b:  Ŷ_b = model.estimate(Y_b, params, state_b)   # (N_b, D) clean-patch estimates
 
-Every ``rng_b`` is keyed by (seed, stage, epoch, global block index), so results do not depend on the number
+Every ``rng_b`` is a ``hpc_zsem.randomness.PatchRandom`` keyed by (seed, stage, epoch, global patch index) —
+first axis of every draw = the block's patches — so results do not depend on the number
 of ranks. ``stats`` always holds ``"free_energy"`` (Σ_n of the per-patch free energy, shape ()) and ``"N"``.
 """
 from __future__ import annotations
