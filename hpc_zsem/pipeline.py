@@ -486,14 +486,12 @@ def run(config: Config, comm, overwrite: bool = False, resume: Checkpoint | None
             raise StopRequested(f"stopped on request during the estimation pass; checkpoint {job.checkpoint_path}; "
                                 "run the same command again to resume (the estimation pass restarts)")
     else:
-        merged = job.estimate()
-        if merged is None:
-            return
-        mean, variance = merged
-        write_result(config.output.path, mean=mean, variance=variance, noisy=job.noisy, params=job.params,
-                     history=job.history.rows,
-                     metadata=job.metadata(started, job.elapsed_before + time.perf_counter() - t0),
-                     overwrite=overwrite)
+        merged = job.estimate()                     # (mean, variance) on rank 0, None elsewhere
+        if merged is not None:
+            write_result(config.output.path, mean=merged[0], variance=merged[1], noisy=job.noisy,
+                         params=job.params, history=job.history.rows,
+                         metadata=job.metadata(started, job.elapsed_before + time.perf_counter() - t0),
+                         overwrite=overwrite)
     peak = comm.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
     if comm.rank != 0:
         return
