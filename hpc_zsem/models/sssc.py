@@ -169,18 +169,21 @@ def sufficient_statistics(groups: list[_Group], q: np.ndarray, rows: np.ndarray,
         stats["S_ss"] = np.zeros(HH)
         stats["T"] = np.zeros(HH)
     for g in groups:
-        qk = q[g.pairs, None]
-        stats["S_s"] += _bincount(g.active, qk, H)
-        stats["S_sz"] += _bincount(g.active, qk * g.m, H)
+        k = g.active.shape[1]
         state_weight = np.bincount(g.state, weights=q[g.pairs], minlength=g.cov.shape[0])
-        stats["S_szsz"] += _bincount(_pair_index(g.state_active, H), (state_weight[:, None, None] * g.cov).reshape(len(state_weight), -1), HH)
-        pair_idx = _pair_index(g.active, H)
-        stats["S_szsz"] += _bincount(pair_idx, (qk[:, :, None] * g.m[:, :, None] * g.m[:, None, :]).reshape(len(qk), -1), HH)
-        if full_psi:
-            k = g.active.shape[1]
-            stats["S_ss"] += _bincount(pair_idx, qk, HH)
-            t_weights = np.broadcast_to((qk * g.m)[:, None, :], (len(qk), k, k))   # [i, j] = q·m_j
-            stats["T"] += _bincount(pair_idx, t_weights.reshape(len(qk), -1), HH)
+        stats["S_szsz"] += _bincount(_pair_index(g.state_active, H),
+                                     (state_weight[:, None, None] * g.cov).reshape(len(state_weight), -1), HH)
+        for part in _chunks(g.pairs.size, max(1, PAIR_CHUNK // (k * k))):   # bounds the (pairs × k²) temporaries
+            qk, m, active = q[g.pairs[part], None], g.m[part], g.active[part]
+            stats["S_s"] += _bincount(active, qk, H)
+            stats["S_sz"] += _bincount(active, qk * m, H)
+            pair_idx = _pair_index(active, H)
+            stats["S_szsz"] += _bincount(pair_idx, (qk[:, :, None] * m[:, :, None] * m[:, None, :]).reshape(len(qk), -1),
+                                         HH)
+            if full_psi:
+                stats["S_ss"] += _bincount(pair_idx, qk, HH)
+                t_weights = np.broadcast_to((qk * m)[:, None, :], (len(qk), k, k))   # [i, j] = q·m_j
+                stats["T"] += _bincount(pair_idx, t_weights.reshape(len(qk), -1), HH)
     mean_sz = posterior_mean_sz(groups, q, rows, Y.shape[0], H)
     for name in ("S_szsz", "S_ss", "T"):
         if name in stats:
