@@ -52,12 +52,10 @@ _STOP, _TIME_DUE = "_stop_requested", "_checkpoint_due"   # control flags summed
 
 @dataclass
 class Block:
-    """A fixed block of training-set rows [start, stop) owned by this rank: the global indices of its
-    patches, their data and their variational state."""
+    """A fixed block of training-set rows owned by this rank: the global indices of its patches, their
+    data and their variational state."""
 
     index: int
-    start: int
-    stop: int
     ids: np.ndarray
     Y: np.ndarray
     state: Any = None
@@ -161,8 +159,7 @@ class Run:
             self.image = self._to_model_units(self.noisy)
             self.train_ids = np.arange(self.grid.n_patches)
         all_blocks = block_ranges(len(self.train_ids), config.training.block_size)
-        self.blocks = [Block(b, *all_blocks[b], self.train_ids[slice(*all_blocks[b])],
-                             self._training_patches(np.arange(*all_blocks[b])))
+        self.blocks = [Block(b, self.train_ids[slice(*all_blocks[b])], self._training_patches(np.arange(*all_blocks[b])))
                        for b in shard(len(all_blocks), comm.rank, comm.size)]
         self.n_patches = len(self.train_ids)          # the training set
         self.n_blocks = len(all_blocks)

@@ -254,7 +254,6 @@ def _originals(tmp_path_factory):
 
 def pytest_generate_tests(metafunc):
     if "crash_class" in metafunc.fixturenames:
-        import pytest
         metafunc.parametrize("crash_class", list(CRASH_CLASSES))
 
 

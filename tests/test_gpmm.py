@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 from scipy.optimize import linear_sum_assignment
-from scipy.special import digamma, gammaln
+from scipy.special import digamma
 
 from hpc_zsem.errors import InputError
 from hpc_zsem.models.base import PatchSummary

@@ -6,8 +6,6 @@ import subprocess
 import sys
 import time
 
-import h5py
-import numpy as np
 import pytest
 
 from conftest import REPO, cli_env
