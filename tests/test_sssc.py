@@ -75,7 +75,7 @@ def test_full_truncation_is_exact_and_em_is_monotone(psi):
         p_dense = dict(params)
         if psi == "diag":
             exact = sum(logsumexp([direct_log_joint(y, s, p_dense) for s in all_states(H)]) for y in Y[:20])
-            n20 = model._posterior(Y[:20], params, K[:20])[1].sum()
+            n20 = model._posterior(model._block_terms(Y[:20], params), K[:20])[1].sum()
             assert n20 == pytest.approx(exact, rel=1e-9)   # truncated free energy = log-likelihood
         free_energies.append(float(stats["free_energy"]))
         params = model.m_step(params, stats)

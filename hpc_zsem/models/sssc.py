@@ -229,25 +229,29 @@ class SSSC:
         fixed = np.broadcast_to(lowest_weight_states(H, S), (N, S, H))
         drawn = rng.random((N, S, H)) < np.clip(params["pi"], PI_FLOOR, 1.0 - PI_FLOOR)
         candidates = pack(np.concatenate([fixed, drawn], axis=1))
-        score = self._scorer(Y, params)
+        score = self._scorer(self._block_terms(Y, params))
         lpj = score_new(candidates, np.full(candidates.shape[:2], np.nan), 0, score)
         keep, _ = best_distinct(candidates, lpj, S)
         return np.take_along_axis(candidates, keep[:, :, None], axis=1)
 
     # ----------------------------------------------------------------- E-step
-    def _scorer(self, Y: np.ndarray, params: dict[str, np.ndarray]):
+    @staticmethod
+    def _block_terms(Y: np.ndarray, params: dict[str, np.ndarray]):
+        """Θ-derived quantities, B = Y W and ‖y_n‖² of a block: computed once per block and E-step."""
         theta = _Theta.from_params(params)
-        B = Y @ theta.W
-        yy = np.einsum("nd,nd->n", Y, Y)
+        return theta, Y @ theta.W, np.einsum("nd,nd->n", Y, Y)
+
+    @staticmethod
+    def _scorer(terms):
+        theta, B, yy = terms
         return lambda rows, words: evaluate_pairs(theta, B, yy, rows, words)[0]
 
-    def _posterior(self, Y: np.ndarray, params: dict[str, np.ndarray], K: np.ndarray):
+    @staticmethod
+    def _posterior(terms, K: np.ndarray):
         """Log-joints (N, S) of the truncated sets, q_n(s) flattened, and the grouped posterior moments."""
-        theta = _Theta.from_params(params)
         N, S, _ = K.shape
         rows = np.repeat(np.arange(N), S)
-        lpj, groups = evaluate_pairs(theta, Y @ theta.W, np.einsum("nd,nd->n", Y, Y), rows,
-                                     K.reshape(N * S, -1), keep_groups=True)
+        lpj, groups = evaluate_pairs(*terms, rows, K.reshape(N * S, -1), keep_groups=True)
         lpj = lpj.reshape(N, S)
         log_norm = logsumexp(lpj, axis=1)
         q = np.exp(lpj - log_norm[:, None]).ravel()
@@ -256,18 +260,19 @@ class SSSC:
     def e_step(self, Y: np.ndarray, params: dict[str, np.ndarray], K: np.ndarray, rng: np.random.Generator):
         """Statistics of q(K, Θ) for the M-step and the free energy Σ_n log Σ_{s∈K_n} p(s, y_n), then one
         evolutionary improvement of K under the same Θ (used by the next epoch)."""
-        lpj, log_norm, q, rows, groups = self._posterior(Y, params, K)
+        terms = self._block_terms(Y, params)
+        lpj, log_norm, q, rows, groups = self._posterior(terms, K)
         stats = sufficient_statistics(groups, q, rows, Y, self.H, self.full_psi)
         stats["free_energy"] = np.array(log_norm.sum())
         stats["N"] = np.array(float(Y.shape[0]))
         expected_active = float(np.clip(params["pi"], PI_FLOOR, 1.0 - PI_FLOOR).sum())
-        new_K, _, accepted = evolve(K, lpj, self.H, self.evolution, expected_active, self._scorer(Y, params), rng)
+        new_K, _, accepted = evolve(K, lpj, self.H, self.evolution, expected_active, self._scorer(terms), rng)
         stats["accepted"] = np.array(float(accepted))
         return new_K, stats
 
     def estimate(self, Y: np.ndarray, params: dict[str, np.ndarray], K: np.ndarray) -> np.ndarray:
         """Posterior-predictive mean of the clean patch: ŷ_n = Σ_{s∈K_n} q_n(s) W_A m_{n,s} = W ⟨s⊙z⟩_n."""
-        _, _, q, rows, groups = self._posterior(Y, params, K)
+        _, _, q, rows, groups = self._posterior(self._block_terms(Y, params), K)
         return posterior_mean_sz(groups, q, rows, Y.shape[0], self.H) @ params["W"].T
 
     # ----------------------------------------------------------------- M-step
