@@ -101,6 +101,16 @@ output:
 """
 
 
+def _wait_for_checkpoint(job: str, ckpt, timeout: float = 60.0) -> None:
+    """Poll until the running job has written its first checkpoint; fail if the job ends first."""
+    end = time.monotonic() + timeout
+    while not ckpt.exists():
+        state = _job(job).get("JobState", "")
+        assert state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"), f"job {job} ended early: {state}"
+        assert time.monotonic() < end, f"no checkpoint after {timeout:.0f} s"
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
 @needs_slurm
 def test_long_requeue_checkpoints_requeues_resumes_and_matches_uninterrupted_run(tmp_path):
@@ -111,12 +121,7 @@ def test_long_requeue_checkpoints_requeues_resumes_and_matches_uninterrupted_run
     reference = None
     try:
         ckpt = tmp_path / "results" / "out.ckpt.h5"
-        end = time.monotonic() + 60
-        while not ckpt.exists():
-            state = _job(job).get("JobState", "")
-            assert state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"), f"job {job} ended early: {state}"
-            assert time.monotonic() < end, "no checkpoint after 60 s"
-            time.sleep(0.05)
+        _wait_for_checkpoint(job, ckpt)
         # the warning signal that --signal=B:USR1@... would send near the time limit
         subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=20)
         # meanwhile (the requeued job waits ~10 s before it starts again) the uninterrupted run, same 2 ranks
@@ -162,11 +167,7 @@ def test_long_requeue_survives_preemption(tmp_path):
     urgent = None
     try:
         ckpt = tmp_path / "results" / "out.ckpt.h5"
-        end = time.monotonic() + 60
-        while not ckpt.exists():
-            assert _job(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), _job(job)
-            assert time.monotonic() < end, "no checkpoint after 60 s"
-            time.sleep(0.05)
+        _wait_for_checkpoint(job, ckpt)
         urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", f"--ntasks={cpus}", "--mem-per-cpu=50M",
                                  "--output=/dev/null", "--wrap", "sleep 2"], capture_output=True, text=True,
                                 timeout=20, check=True).stdout.strip()
