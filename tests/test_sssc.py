@@ -111,6 +111,23 @@ def test_recovers_bars():
     assert np.allclose(np.sort(params["pi"]), 2.0 / H, atol=0.08)
 
 
+def test_refine_leaves_the_states_of_repeated_e_steps():
+    """Frozen-Θ refinement (streamed estimation) must give the truncated sets that e_step calls with the same
+    random streams give — it only skips the statistics — and sets that are at least as good as the start."""
+    rng = np.random.default_rng(4)
+    truth = bars_params()
+    Y = sample_sssc(rng, truth, 400)
+    model = SSSC(truth["pi"].size, EvolutionSettings(S=6, parents=3, children=2, generations=2))
+    K0 = model.init_block_state(Y, truth, np.random.default_rng(1))
+    K = K0
+    for epoch in range(3):
+        K, _ = model.e_step(Y, truth, K, np.random.default_rng(10 + epoch))
+    refined = model.refine(Y, truth, K0, [np.random.default_rng(10 + epoch) for epoch in range(3)])
+    np.testing.assert_array_equal(refined, K)
+    free_energy = [model.e_step(Y, truth, k, np.random.default_rng(0))[1]["free_energy"] for k in (K0, refined)]
+    assert free_energy[1] > free_energy[0]
+
+
 def test_degenerate_m_step_is_repaired_deterministically(caplog):
     """A never-used latent, a singular S_szsz and σ² → 0 give finite parameters, identical on every call
     (every MPI rank computes the same), and the repairs are logged once."""

@@ -13,6 +13,10 @@ The pipeline (``hpc_zsem.pipeline``) drives it like this, identically on every r
         params = model.m_step(params, stats)                    # identical on every rank
     for each local block b:  Ŷ_b = model.estimate(Y_b, params, state_b)   # (N_b, D) clean-patch estimates
 
+The streamed estimation pass (patches seen for the first time, Θ frozen) uses
+``state_b = model.refine(Y_b, params, model.init_block_state(...), [rng_e1, rng_e2, …])`` instead of
+``e_step``: the same states, without the statistics no M-step will use.
+
 Every ``rng_b`` is a ``hpc_zsem.randomness.PatchRandom`` keyed by (seed, stage, epoch, global patch index) —
 first axis of every draw = the block's patches — so results do not depend on the number
 of ranks. ``stats`` always holds ``"free_energy"`` (Σ_n of the per-patch free energy, shape ()) and ``"N"``.
@@ -63,6 +67,11 @@ class PatchModel(Protocol):
     def init_block_state(self, Y: np.ndarray, params: dict[str, np.ndarray], rng: np.random.Generator) -> Any: ...
 
     def e_step(self, Y: np.ndarray, params: dict[str, np.ndarray], state: Any, rng: np.random.Generator) -> tuple[Any, Stats]: ...
+
+    def refine(self, Y: np.ndarray, params: dict[str, np.ndarray], state: Any, rngs: list[np.random.Generator]) -> Any:
+        """One E-step per rng with Θ frozen, no statistics: the state ``e_step`` would leave after as many
+        calls with these rngs."""
+        ...
 
     def m_step(self, params: dict[str, np.ndarray], stats: Stats) -> dict[str, np.ndarray]: ...
 

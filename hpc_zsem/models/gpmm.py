@@ -179,6 +179,11 @@ class GPMM:
         }
         return None, stats
 
+    def refine(self, Y: np.ndarray, params: dict[str, np.ndarray], state: None,
+               rngs: list[np.random.Generator]) -> None:
+        """Exact posteriors: nothing to improve."""
+        return None
+
     def m_step(self, params: dict[str, np.ndarray], stats: Stats) -> dict[str, np.ndarray]:
         """π_c = R_c/N; W_cd = RY_cd/RZ_c; α from log α − ψ(α) = log(RZ/R) − RLZ/R; β = α R/RZ
         (sums over c for "shared"); then the normalisation of the class docstring. Unused classes

@@ -270,6 +270,18 @@ class SSSC:
         stats["accepted"] = np.array(float(accepted))
         return new_K, stats
 
+    def refine(self, Y: np.ndarray, params: dict[str, np.ndarray], K: np.ndarray,
+               rngs: list[np.random.Generator]) -> np.ndarray:
+        """``len(rngs)`` evolutionary E-steps with Θ frozen and no statistics; the log-joints of K are
+        scored once and carried from step to step (under a fixed Θ they do not change)."""
+        N, S, _ = K.shape
+        score = self._scorer(self._block_terms(Y, params))
+        lpj = score(np.repeat(np.arange(N), S), K.reshape(N * S, -1)).reshape(N, S)
+        expected_active = float(np.clip(params["pi"], PI_FLOOR, 1.0 - PI_FLOOR).sum())
+        for rng in rngs:
+            K, lpj, _ = evolve(K, lpj, self.H, self.evolution, expected_active, score, rng)
+        return K
+
     def estimate(self, Y: np.ndarray, params: dict[str, np.ndarray], K: np.ndarray) -> np.ndarray:
         """Posterior-predictive mean of the clean patch: ŷ_n = Σ_{s∈K_n} q_n(s) W_A m_{n,s} = W ⟨s⊙z⟩_n."""
         _, _, q, rows, groups = self._posterior(self._block_terms(Y, params), K)
