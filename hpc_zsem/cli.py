@@ -29,7 +29,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from hpc_zsem.config import load_config
     from hpc_zsem.io.checkpoint import check_checkpoint_path, find_resumable
     from hpc_zsem.parallel import get_comm, install_abort_on_exception, limit_blas_threads
-    from hpc_zsem import pipeline, signals
+    from hpc_zsem import pipeline, sections, signals
 
     comm = get_comm()
     install_abort_on_exception(comm)
@@ -41,10 +41,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if comm.rank == 0:
         try:
             config = load_config(args.config, args.set)
-            pipeline.preflight(config, args.overwrite, comm.size)
+            n_sections = pipeline.preflight(config, args.overwrite, comm.size)
             check_checkpoint_path(config)
-            resume = find_resumable(config, restart=args.restart)
-            outcome = ("ok", config)
+            per_section = config.training.per_section and n_sections > 1
+            if not per_section:
+                resume = find_resumable(config, restart=args.restart)
+            outcome = ("ok", (config, per_section))
         except HpcZsemError as exc:
             outcome = ("error", str(exc))
     status, payload = comm.bcast(outcome)
@@ -52,9 +54,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if comm.rank == 0:
             print(f"hpc-zsem: error: {payload}", file=sys.stderr)
         return 2
+    config, per_section = payload
     with limit_blas_threads(args.threads if args.threads else (1 if comm.size > 1 else None)):
         try:
-            pipeline.run(payload, comm, overwrite=args.overwrite, resume=resume, stop=stop)
+            if per_section:
+                sections.run_per_section(config, comm, overwrite=args.overwrite, restart=args.restart, stop=stop)
+            else:
+                pipeline.run(config, comm, overwrite=args.overwrite, resume=resume, stop=stop)
         except signals.StopRequested as exc:
             if comm.rank == 0:
                 logging.getLogger("hpc_zsem").info("%s (exit code %d)", exc, exc.exit_code)

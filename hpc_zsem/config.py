@@ -208,6 +208,8 @@ class TrainingConfig:
     max_patches: int | None = _opt(None, integer(1, nullable=True), "train on this many patches drawn uniformly "
                                    "across the image/stack (reading only their regions), then estimate tile by tile; "
                                    "null = train on all patches in memory")
+    per_section: bool = _opt(False, boolean(), "stacks: learn one model per section (each section is trained and "
+                             "estimated on its own; the output is still one (Z, Y, X) volume)")
 
 
 @dataclass(frozen=True)

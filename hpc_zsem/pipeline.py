@@ -86,16 +86,20 @@ def _open(config: Config):
     return open_source(i.path, i.section, crop=i.crop, downsample=i.downsample)
 
 
-def preflight(config: Config, overwrite: bool, ranks: int = 1) -> None:
+def preflight(config: Config, overwrite: bool, ranks: int = 1) -> int:
     """Cheap checks before any heavy work (run on rank 0): output writable, input readable (headers only)
-    and large enough, and the memory estimate within ``resources.max_memory_per_rank``."""
+    and large enough, and the memory estimate within ``resources.max_memory_per_rank``. Returns the number
+    of sections of the (cropped) input: 1 for a 2-D image."""
     check_output_path(config.output.path, overwrite)
     with _open(config) as source:
         plane, sections = source.plane_shape, source.n_sections
+    n_sections = sections
     h, w = config.patches.size
     if h > plane[0] or w > plane[1]:
         raise InputError(f"{config.input.path}: the image ({plane[0]}×{plane[1]} after crop/downsample) is "
                          f"smaller than patches.size {[h, w]}")
+    if config.training.per_section:     # one section at a time, each an ordinary 2-D run
+        sections = 1
     grid = PatchGrid(plane, (h, w), config.patches.stride, sections)
     streaming = _streaming(config, grid.n_patches)
     t = config.truncation
@@ -105,6 +109,7 @@ def preflight(config: Config, overwrite: bool, ranks: int = 1) -> None:
         t.generations, C=config.model.C, block_size=config.training.block_size,
         image_pixels=int(np.prod(config.estimation.tile)) if streaming else sections * plane[0] * plane[1])
     check_memory(estimate, config.resources.max_memory_per_rank)
+    return n_sections
 
 
 def _streaming(config: Config, n_patches: int) -> bool:
@@ -122,6 +127,14 @@ def _intensity_map(config: Config, image: np.ndarray) -> IntensityMap:
         offset = est_offset if offset is None else offset
         log.info("estimated intensity → counts mapping from flat regions: gain %.4g, offset %.4g", gain, offset)
     return IntensityMap(float(gain), float(offset))
+
+
+def output_pixel_size(config: Config) -> tuple[float, ...] | None:
+    """The input's pixel size in µm ((Y, X) or (Z, Y, X)) scaled by ``input.downsample``; None if unknown."""
+    size = pixel_size_um(config.input.path)
+    if size is None:
+        return None
+    return tuple(size[:-2]) + tuple(v * config.input.downsample for v in size[-2:])
 
 
 def _format_seconds(seconds: float) -> str:
@@ -317,10 +330,8 @@ class Run:
         tiles = plan_tiles(self.source.shape, tuple(cfg.estimation.tile), tuple(cfg.patches.size), cfg.patches.stride)
         writer = None
         if self.comm.rank == 0:
-            size = pixel_size_um(cfg.input.path)
-            if size is not None:
-                size = tuple(size[:-2]) + tuple(v * cfg.input.downsample for v in size[-2:])
-            writer = VolumeWriter(cfg.output.path, self.source.shape, element_size_um=size, overwrite=overwrite)
+            writer = VolumeWriter(cfg.output.path, self.source.shape, element_size_um=output_pixel_size(cfg),
+                                  overwrite=overwrite)
             log.info("estimation: %d tiles of up to %d×%d pixels over %s", len(tiles), *cfg.estimation.tile,
                      "×".join(map(str, self.source.shape)))
         try:
@@ -453,18 +464,21 @@ def _assemble_states(gathered: list[list[tuple[int, Any]]], n_blocks: int) -> np
     return np.concatenate(states, axis=0)
 
 
-def run(config: Config, comm, overwrite: bool = False, resume: Checkpoint | None = None, stop=None) -> None:
+def run(config: Config, comm, overwrite: bool = False, resume: Checkpoint | None = None, stop=None,
+        input_checksum: str | None = None) -> None:
     """Train, estimate and write the result file (rank 0). Expected errors raise ``HpcZsemError``.
 
     ``resume`` (on rank 0; see ``hpc_zsem.io.checkpoint.find_resumable``) continues a checkpointed run;
     ``stop`` is a flag (``hpc_zsem.signals.StopFlag``) that, once truthy on any rank, makes every rank write a
     checkpoint at the next epoch boundary and raise ``StopRequested``. After the result is written the
-    checkpoints are deleted."""
+    checkpoints are deleted. ``input_checksum`` spares re-reading the input for its checksum when the caller
+    has it."""
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     job = Run(config, comm)
     job.stop = stop
     job._started = t0
+    job._input_checksum = input_checksum
     log.info("hpc-zsem %s: %s on %s (%s pixels), %d patches of %d×%d%s, %d rank(s), %d local block(s)",
              __version__, config.model.name, config.input.path, "×".join(map(str, job.grid.volume_shape)),
              job.grid.n_patches, *config.patches.size,

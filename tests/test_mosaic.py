@@ -1,5 +1,8 @@
 """Mosaics and stacks: training on a sample, streamed tiled estimation equal to the whole-image run, (Z, Y, X)
-volumes whose sections match single-section runs with the same model."""
+volumes whose sections match single-section runs with the same model, and one model per section
+(training.per_section) equal to separate single-section runs, resumable, on any number of ranks."""
+import logging
+
 import h5py
 import numpy as np
 import pytest
@@ -10,6 +13,8 @@ from hpc_zsem.config import load_config
 from hpc_zsem.io.results import read_result
 from hpc_zsem.parallel import SerialComm
 from hpc_zsem.pipeline import Run, run
+from hpc_zsem.sections import parts_dir, run_per_section
+from hpc_zsem.signals import StopRequested
 
 SMALL = ["model.H=12", "truncation.S=8", "truncation.parents=4", "truncation.children=2", "training.epochs=4",
          "estimation.epochs=2", "patches.size=[6,6]", "checkpoint.every_epochs=0"]
@@ -81,3 +86,80 @@ def test_in_memory_stack_and_two_ranks_streaming(stack_path, tmp_path):
     a, b = read_result(outs[1]), read_result(outs[2])
     np.testing.assert_allclose(b["mean"], a["mean"], rtol=0, atol=1e-4)
     np.testing.assert_allclose(b["params"]["W"], a["params"]["W"], rtol=1e-9, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------ training.per_section
+@pytest.fixture(scope="module")
+def per_section_reference(stack_path, tmp_path_factory):
+    """An uninterrupted per-section run of the 3-section stack on one rank."""
+    out = tmp_path_factory.mktemp("per_section") / "ref.h5"
+    run_per_section(config_for(stack_path, out, "training.per_section=true"), SerialComm())
+    return out
+
+
+class StopAfter:
+    """A stop flag that turns true after ``n`` checks (the pipeline checks it once per epoch)."""
+
+    def __init__(self, n):
+        self.left = n
+
+    def __bool__(self):
+        self.left -= 1
+        return self.left < 0
+
+
+def test_per_section_volume_holds_one_model_per_section(stack_path, per_section_reference, tmp_path):
+    ref = read_result(per_section_reference)
+    assert ref["mean"].shape == (3, 48, 56) and ref["input"].shape == (3, 48, 56)
+    assert ref["params"]["W"].shape == (3, 36, 12)
+    assert not np.allclose(ref["params"]["W"][0], ref["params"]["W"][2])        # separate models
+    np.testing.assert_array_equal(np.unique(ref["history"]["section"]), [0, 1, 2])
+    assert ref["metadata"]["per_section"] and ref["metadata"]["axes"] == "ZYX"
+    assert not parts_dir(config_for(stack_path, per_section_reference)).exists()
+    for z in (0, 2):                                          # equal to a separate run of that section alone
+        out = tmp_path / f"z{z}.h5"
+        run(config_for(stack_path, out, f"input.section={z}"), SerialComm())
+        single = read_result(out)
+        np.testing.assert_array_equal(single["mean"], ref["mean"][z])
+        np.testing.assert_array_equal(single["variance"], ref["variance"][z])
+        np.testing.assert_array_equal(single["params"]["W"], ref["params"]["W"][z])
+
+
+def test_per_section_resumes_after_a_stop_and_skips_finished_sections(stack_path, per_section_reference,
+                                                                       tmp_path, caplog):
+    out = tmp_path / "stopped.h5"
+    config = config_for(stack_path, out, "training.per_section=true")
+    with pytest.raises(StopRequested):
+        run_per_section(config, SerialComm(), stop=StopAfter(8))     # section 0 done, section 1 mid-training
+    assert not out.exists()
+    assert (parts_dir(config) / "z0000.h5").exists() and (parts_dir(config) / "z0001.ckpt.h5").exists()
+    with caplog.at_level(logging.INFO, logger="hpc_zsem"):
+        run_per_section(config, SerialComm())
+    assert "section 1/3: finished earlier" in caplog.text and "resuming from" in caplog.text
+    resumed, ref = read_result(out), read_result(per_section_reference)
+    for name in ("mean", "variance"):
+        np.testing.assert_array_equal(resumed[name], ref[name])
+    np.testing.assert_array_equal(resumed["params"]["W"], ref["params"]["W"])
+
+
+def test_per_section_cli_on_two_ranks_equals_one_rank(stack_path, per_section_reference, tmp_path):
+    out = tmp_path / "r2.h5"
+    proc = run_cli(["run", "configs/demo.yaml", "--set", f"input.path={stack_path}", "--set", f"output.path={out}",
+                    *[x for kv in SMALL for x in ("--set", kv)], "--set", "training.per_section=true"],
+                   ranks=2, timeout=180, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "section 3/3: its own model" in proc.stdout
+    two, one = read_result(out), read_result(per_section_reference)
+    np.testing.assert_allclose(two["mean"], one["mean"], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(two["params"]["W"], one["params"]["W"], rtol=1e-9, atol=1e-9)
+
+
+def test_per_section_with_streamed_sections(stack_path, tmp_path):
+    """Sections trained on a sample and estimated tile by tile assemble into the same kind of volume."""
+    out = tmp_path / "streamed.h5"
+    run_per_section(config_for(stack_path, out, "training.per_section=true", "training.max_patches=1500",
+                               "estimation.tile=[32,32]"), SerialComm())
+    result = read_result(out)
+    assert result["mean"].shape == (3, 48, 56) and result["input"] is None
+    assert np.isfinite(result["mean"]).all() and (result["variance"] >= 0).all()
+    assert result["metadata"]["n_training_patches"] == 3 * 1500
