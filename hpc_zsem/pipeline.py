@@ -39,7 +39,7 @@ from hpc_zsem.patches import PatchGrid, PixelAccumulator
 from hpc_zsem.randomness import PatchRandom
 from hpc_zsem.resources import check_memory, estimate_memory_per_rank
 from hpc_zsem.streaming import stream_tiles
-from hpc_zsem.tiles import plan_tiles, training_sample
+from hpc_zsem.tiles import plan_tiles, read_patches, sample_index
 from hpc_zsem.errors import InputError, OutputError
 from hpc_zsem.signals import StopRequested
 
@@ -160,20 +160,22 @@ class Run:
         self.key_offset = (config.input.section or 0) * self.grid.per_section
         self.noisy: np.ndarray | None = None
         if self.streaming:
-            # Train on a sample drawn uniformly across the mosaic/stack, reading only the regions it needs.
-            sample, self.train_ids = training_sample(
-                self.source, config.training.max_patches, block_rng(config.training.seed, STAGE_SAMPLE, 1, 0),
-                patch, config.patches.stride, return_index=True)
+            # Train on a sample drawn uniformly across the mosaic/stack; each rank reads only its share of it.
             self.intensity = _intensity_map(config, self._central_region())
-            self._train_Y = self._to_model_units(sample)
+            self.train_ids = sample_index(self.source, config.training.max_patches,
+                                          block_rng(config.training.seed, STAGE_SAMPLE, 1, 0), patch,
+                                          config.patches.stride)
         else:
             self.noisy = self._read_all()
             self.intensity = _intensity_map(config, self.noisy)
             self.image = self._to_model_units(self.noisy)
             self.train_ids = np.arange(self.grid.n_patches)
         all_blocks = block_ranges(len(self.train_ids), config.training.block_size)
-        self.blocks = [Block(b, self.train_ids[slice(*all_blocks[b])], self._training_patches(np.arange(*all_blocks[b])))
-                       for b in shard(len(all_blocks), comm.rank, comm.size)]
+        mine = shard(len(all_blocks), comm.rank, comm.size)        # a contiguous run of blocks
+        first = all_blocks[mine[0]][0] if len(mine) else 0
+        local_Y = self._training_patches(np.arange(first, all_blocks[mine[-1]][1] if len(mine) else 0))
+        self.blocks = [Block(b, self.train_ids[slice(*all_blocks[b])],
+                             local_Y[all_blocks[b][0] - first:all_blocks[b][1] - first]) for b in mine]
         self.n_patches = len(self.train_ids)          # the training set
         self.n_blocks = len(all_blocks)
         self.history = History()
@@ -219,9 +221,10 @@ class Run:
         return from_counts_mean_variance(mean, variance, self.intensity.gain, self.intensity.offset)
 
     def _training_patches(self, rows: np.ndarray) -> np.ndarray:
-        """The training-set patches of the given rows, in model units."""
+        """The training-set patches of the given rows, in model units (read from the file when streaming)."""
         if self.streaming:
-            return self._train_Y[rows]
+            return self._to_model_units(read_patches(self.source, self.train_ids[rows], tuple(self.config.patches.size),
+                                                     self.config.patches.stride))
         return self.grid.extract(self.image, self.train_ids[rows])
 
     # ---------------------------------------------------------------- training

@@ -184,23 +184,27 @@ def merge_tile(estimate_fn: Callable[..., np.ndarray], source, tile: Tile, patch
     return PixelAccumulator.finish(sums, image[core])
 
 
-def training_sample(source, n_patches: int, rng: np.random.Generator, patch: tuple[int, int],
-                    stride: int = 1, *, group: tuple[int, int] = (256, 256),
-                    return_index: bool = False):
-    """``n_patches`` patches drawn uniformly without replacement from all patches of all sections, as an
-    (n, D) float64 array ordered by global patch index (all patches if there are fewer).
-
-    Draws are grouped by section and by ``group``-sized blocks of patch corners; each group reads only the
-    bounding box of its patches, so a sparse sample of a huge mosaic reads a small fraction of it. With
-    ``return_index`` also returns the global indices (section · patches-per-section + index in section).
-    The same ``rng`` state gives the same sample on every rank."""
-    plane = source.plane_shape
-    grid = PatchGrid(tuple(plane), tuple(patch), int(stride))
-    per = grid.n_patches
+def sample_index(source, n_patches: int, rng: np.random.Generator, patch: tuple[int, int],
+                 stride: int = 1) -> np.ndarray:
+    """The sorted global indices (section · patches-per-section + index in section) of ``n_patches`` patches
+    drawn uniformly without replacement from all patches of all sections (all of them if there are fewer).
+    Needs only the source's shape; the same ``rng`` state gives the same sample on every rank."""
+    per = PatchGrid(tuple(source.plane_shape), tuple(patch), int(stride)).n_patches
     total = per * source.n_sections
     n = min(int(n_patches), total)
-    picks = np.arange(total) if n == total else np.sort(rng.choice(total, size=n, replace=False))
-    z, local = np.divmod(picks, per)
+    return np.arange(total) if n == total else np.sort(rng.choice(total, size=n, replace=False))
+
+
+def read_patches(source, ids: np.ndarray, patch: tuple[int, int], stride: int = 1, *,
+                 group: tuple[int, int] = (256, 256)) -> np.ndarray:
+    """The patches with global indices ``ids`` as an (n, D) float64 array in the order of ``ids``.
+
+    Patches are grouped by section and by ``group``-sized blocks of patch corners; each group reads only the
+    bounding box of its patches (or, when the patches are sparse in it, each patch alone), so a sparse sample
+    of a huge mosaic reads a small fraction of it."""
+    ids = np.asarray(ids, dtype=np.int64)
+    grid = PatchGrid(tuple(source.plane_shape), tuple(patch), int(stride))
+    z, local = np.divmod(ids, grid.n_patches)
     _, cy, cx = grid.corners(local)
     h, w = grid.size
     gy, gx = (int(g) for g in group)
@@ -208,7 +212,7 @@ def training_sample(source, n_patches: int, rng: np.random.Generator, patch: tup
     order = np.lexsort(keys[::-1])
     k = keys[:, order]
     breaks = np.flatnonzero(np.any(k[:, 1:] != k[:, :-1], axis=0)) + 1
-    out = np.empty((n, grid.dim))
+    out = np.empty((ids.size, grid.dim))
     offsets = (np.arange(h)[:, None], np.arange(w)[None, :])
     for members in np.split(order, breaks):
         if members.size == 0:
@@ -225,4 +229,5 @@ def training_sample(source, n_patches: int, rng: np.random.Generator, patch: tup
         rows = (ys - y0)[:, None, None] + offsets[0][None]
         cols = (xs - x0)[:, None, None] + offsets[1][None]
         out[members] = region[rows, cols].reshape(members.size, -1)
-    return (out, picks) if return_index else out
+    return out
+

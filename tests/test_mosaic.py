@@ -163,3 +163,25 @@ def test_per_section_with_streamed_sections(stack_path, tmp_path):
     assert result["mean"].shape == (3, 48, 56) and result["input"] is None
     assert np.isfinite(result["mean"]).all() and (result["variance"] >= 0).all()
     assert result["metadata"]["n_training_patches"] == 3 * 1500
+
+
+def test_each_rank_reads_only_its_share_of_the_training_sample(em_crop, tmp_path, monkeypatch):
+    """With training.max_patches the sample is drawn identically on every rank but each rank reads only the
+    patches of its own blocks (I/O and memory per rank = sample / ranks)."""
+    import hpc_zsem.pipeline as pipeline
+
+    _, noisy = em_crop
+    read, original = [], pipeline.read_patches
+
+    def counting(src, ids, *args, **kwargs):
+        read.append(np.array(ids))
+        return original(src, ids, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "read_patches", counting)
+    config = config_for(noisy, tmp_path / "x.h5", "training.max_patches=1500", "training.block_size=200")
+    jobs = [Run(config, type("Rank", (SerialComm,), {"rank": r, "size": 2})()) for r in (0, 1)]
+    assert [len(ids) for ids in read] == [800, 700]                       # 4 and 4 blocks of 200 (last 100)
+    np.testing.assert_array_equal(np.concatenate(read), jobs[0].train_ids)  # together: the whole sample, once
+    whole = Run(config, SerialComm())
+    np.testing.assert_array_equal(np.concatenate([b.Y for job in jobs for b in job.blocks]),
+                                  np.concatenate([b.Y for b in whole.blocks]))

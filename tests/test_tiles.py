@@ -8,7 +8,7 @@ import tifffile
 
 from hpc_zsem.io.regions import open_source
 from hpc_zsem.patches import PatchGrid, PixelAccumulator
-from hpc_zsem.tiles import CornerGrid, merge_tile, plan_tiles, tile_grid, training_sample
+from hpc_zsem.tiles import CornerGrid, merge_tile, plan_tiles, read_patches, sample_index, tile_grid
 
 
 def estimate(Y):
@@ -136,6 +136,11 @@ def test_plan_tiles_rejects_bad_input():
         plan_tiles((10, 10), (0, 4), (2, 2))
 
 
+def training_sample(src, n, rng, patch, stride):
+    ids = sample_index(src, n, rng, patch, stride)
+    return read_patches(src, ids, patch, stride), ids
+
+
 def test_training_sample_matches_extract_and_reads_little(tmp_path):
     size, patch, stride = 2048, (8, 8), 2
     image = np.random.default_rng(3).integers(0, 255, size=(size, size)).astype(np.uint8)
@@ -143,24 +148,27 @@ def test_training_sample_matches_extract_and_reads_little(tmp_path):
     tifffile.imwrite(path, image, tile=(128, 128), bigtiff=True)
     grid = PatchGrid(image.shape, patch, stride)
     with open_source(path) as src:
-        Y, ids = training_sample(src, 20, np.random.default_rng(7), patch, stride, return_index=True)
+        Y, ids = training_sample(src, 20, np.random.default_rng(7), patch, stride)
         assert Y.shape == (20, 64) and np.all(np.diff(ids) > 0)
         np.testing.assert_array_equal(Y, grid.extract(image, ids))
         assert src.stats["segments_decoded"] <= 4 * 20
         assert src.stats["pixels_decoded"] < image.size // 4
         # a dense sample reads by groups and still matches
-        Yd, idd = training_sample(src, 5000, np.random.default_rng(8), patch, stride, return_index=True)
+        Yd, idd = training_sample(src, 5000, np.random.default_rng(8), patch, stride)
         np.testing.assert_array_equal(Yd, grid.extract(image, idd))
     # same rng → same sample (every rank draws identically)
     with open_source(path) as src:
-        Y2 = training_sample(src, 20, np.random.default_rng(7), patch, stride)
+        Y2, _ = training_sample(src, 20, np.random.default_rng(7), patch, stride)
     np.testing.assert_array_equal(Y, Y2)
     # more draws than patches: every patch once
     small = ArraySource(image[:20, :20].astype(float))
-    Yall, ids = training_sample(small, 10**9, np.random.default_rng(0), patch, 1, return_index=True)
+    Yall, ids = training_sample(small, 10**9, np.random.default_rng(0), patch, 1)
     g = PatchGrid((20, 20), patch, 1)
     np.testing.assert_array_equal(ids, np.arange(g.n_patches))
     np.testing.assert_array_equal(Yall, g.extract(small.array, ids))
+    # any order of indices: the rows come back in that order
+    shuffled = np.random.default_rng(1).permutation(ids)[:50]
+    np.testing.assert_array_equal(read_patches(small, shuffled, patch, 1), g.extract(small.array, shuffled))
 
 
 def test_training_sample_over_a_stack(tmp_path):
@@ -170,7 +178,7 @@ def test_training_sample_over_a_stack(tmp_path):
         f["v"] = vol
     patch = (5, 5)
     with open_source(f"{path}:/v") as src:
-        Y, ids = training_sample(src, 200, np.random.default_rng(1), patch, 1, return_index=True)
+        Y, ids = training_sample(src, 200, np.random.default_rng(1), patch, 1)
     g = PatchGrid((30, 40), patch, 1)
     z, local = np.divmod(ids, g.n_patches)
     assert set(z.tolist()) == {0, 1, 2}
