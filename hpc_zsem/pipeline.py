@@ -331,19 +331,27 @@ class Run:
         cfg = self.config
         per = self.grid.per_section
         tiles = plan_tiles(self.source.shape, tuple(cfg.estimation.tile), tuple(cfg.patches.size), cfg.patches.stride)
-        writer = None
+        writer, written = None, set()
         if self.comm.rank == 0:
+            # A pass stopped on request left its tiles in <output>.partial; the same run continues it.
+            key = f"{__version__} {cfg.hash()} {self.input_checksum()}"
             writer = VolumeWriter(cfg.output.path, self.source.shape, element_size_um=output_pixel_size(cfg),
-                                  overwrite=overwrite)
-            log.info("estimation: %d tiles of up to %d×%d pixels over %s", len(tiles), *cfg.estimation.tile,
-                     "×".join(map(str, self.source.shape)))
+                                  overwrite=overwrite, resume_key=key)
+            written = {t.index for t in tiles if (t.z, t.y0, t.y1, t.x0, t.x1) in writer.written}
+            log.info("estimation: %d tiles of up to %d×%d pixels over %s%s", len(tiles), *cfg.estimation.tile,
+                     "×".join(map(str, self.source.shape)),
+                     f"; {len(written)} were written before the stop, {len(tiles) - len(written)} to go"
+                     if written else "")
+        written = self.comm.bcast(written)
+        stopped = False
         try:
             done = stream_tiles(
-                self.comm, self.source, tiles,
+                self.comm, self.source, [t for t in tiles if t.index not in written],
                 lambda Y, ids, z: self.estimate_patches(Y, ids + (z or 0) * per),
                 tuple(cfg.patches.size), cfg.patches.stride, writer.write if writer else None,
                 transform=None if self.intensity == IntensityMap() else self._to_model_units,
                 finish=self._to_intensity, stop=self.stop)
+            stopped = not done
             if writer is not None and done:
                 writer.set_params(self.params)
                 writer.set_history(self.history.rows)
@@ -352,7 +360,9 @@ class Run:
         except OSError as exc:   # e.g. a full disk: nothing is renamed into place, checkpoints stay
             raise OutputError(f"{cfg.output.path}: cannot write the result ({exc}); nothing was replaced") from None
         finally:
-            if writer is not None:
+            if writer is not None and stopped:
+                writer.suspend()        # stopped on request: keep the written tiles for the resumed run
+            elif writer is not None:
                 writer.abort()          # removes the temporary file unless close() renamed it into place
         return done
 
@@ -498,7 +508,8 @@ def run(config: Config, comm, overwrite: bool = False, resume: Checkpoint | None
         metadata = job.metadata(started, job.elapsed_before + time.perf_counter() - t0)
         if not job.estimate_streaming(metadata, overwrite):
             raise StopRequested(f"stopped on request during the estimation pass; checkpoint {job.checkpoint_path}; "
-                                "run the same command again to resume (the estimation pass restarts)")
+                                "run the same command again to resume (the pass continues with the tiles not yet "
+                                "written)")
     else:
         merged = job.estimate()                     # (mean, variance) on rank 0, None elsewhere
         if merged is not None:

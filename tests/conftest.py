@@ -44,3 +44,15 @@ def run_cli(args, ranks=None, timeout=300, cwd=None):
     if ranks is not None:
         cmd = ["mpiexec", "-n", str(ranks), *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=cli_env(), cwd=cwd)
+
+
+class StopAtCheck:
+    """A stop flag that turns true at its n-th check (what a signal would do): the pipeline checks it once per
+    epoch, and once per round of tiles in a streamed estimation pass."""
+
+    def __init__(self, n: int):
+        self.n, self.calls = n, 0
+
+    def __bool__(self) -> bool:
+        self.calls += 1
+        return self.calls >= self.n

@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import StopAtCheck
 from hpc_zsem import pipeline
 from hpc_zsem.config import load_config
 from hpc_zsem.io import checkpoint as ck
@@ -300,17 +301,6 @@ def test_stop_flag_and_second_sigterm():
 
 # ------------------------------------------------------------------------------------------------ exact resume
 
-class _StopAtEpoch:
-    """A stop flag that turns true at the n-th epoch boundary check (what a signal would do)."""
-
-    def __init__(self, n: int):
-        self.n, self.calls = n, 0
-
-    def __bool__(self) -> bool:
-        self.calls += 1
-        return self.calls >= self.n
-
-
 @pytest.mark.parametrize("model,stop_at", [("sssc", 3), ("sssc", 13), ("gpmm", 2)],
                          ids=["sssc-train", "sssc-estimate", "gpmm-train"])
 def test_resume_in_process_is_bit_identical(tmp_path, model, stop_at):
@@ -321,7 +311,7 @@ def test_resume_in_process_is_bit_identical(tmp_path, model, stop_at):
     pipeline.run(ref, SerialComm())
     config = _small_config(tmp_path, *extra, "checkpoint.every_epochs=0")
     with pytest.raises(StopRequested):
-        pipeline.run(config, SerialComm(), stop=_StopAtEpoch(stop_at))
+        pipeline.run(config, SerialComm(), stop=StopAtCheck(stop_at))
     saved = ck.read_checkpoint(ck.checkpoint_path(config))
     assert (saved.stage, saved.epoch) == (("train", stop_at) if stop_at <= 12 else ("estimate", stop_at - 12))
     assert (saved.states is None) == (model == "gpmm")
@@ -340,7 +330,7 @@ def test_raising_training_epochs_continues_training(tmp_path):
     pipeline.run(_small_config(tmp_path, *extra, "training.epochs=5", name="ref.h5"), SerialComm())
     short = _small_config(tmp_path, *extra, "training.epochs=3")
     with pytest.raises(StopRequested):
-        pipeline.run(short, SerialComm(), stop=_StopAtEpoch(3))
+        pipeline.run(short, SerialComm(), stop=StopAtCheck(3))
     longer = _small_config(tmp_path, *extra, "training.epochs=5")
     pipeline.run(longer, SerialComm(), resume=ck.find_resumable(longer))
     _assert_same_result(tmp_path / "ref.h5", tmp_path / "out.h5")

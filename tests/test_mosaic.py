@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import REPO, SHARED_ISBI, DEMO_CLEAN, run_cli
+from conftest import REPO, SHARED_ISBI, DEMO_CLEAN, StopAtCheck, run_cli
 from hpc_zsem.config import load_config
+from hpc_zsem.io.checkpoint import find_resumable
 from hpc_zsem.io.results import read_result
 from hpc_zsem.parallel import SerialComm
 from hpc_zsem.pipeline import Run, run
@@ -97,17 +98,6 @@ def per_section_reference(stack_path, tmp_path_factory):
     return out
 
 
-class StopAfter:
-    """A stop flag that turns true after ``n`` checks (the pipeline checks it once per epoch)."""
-
-    def __init__(self, n):
-        self.left = n
-
-    def __bool__(self):
-        self.left -= 1
-        return self.left < 0
-
-
 def test_per_section_volume_holds_one_model_per_section(stack_path, per_section_reference, tmp_path):
     ref = read_result(per_section_reference)
     assert ref["mean"].shape == (3, 48, 56) and ref["input"].shape == (3, 48, 56)
@@ -130,7 +120,7 @@ def test_per_section_resumes_after_a_stop_and_skips_finished_sections(stack_path
     out = tmp_path / "stopped.h5"
     config = config_for(stack_path, out, "training.per_section=true")
     with pytest.raises(StopRequested):
-        run_per_section(config, SerialComm(), stop=StopAfter(8))     # section 0 done, section 1 mid-training
+        run_per_section(config, SerialComm(), stop=StopAtCheck(9))     # section 0 done, section 1 mid-training
     assert not out.exists()
     assert (parts_dir(config) / "z0000.h5").exists() and (parts_dir(config) / "z0001.ckpt.h5").exists()
     with caplog.at_level(logging.INFO, logger="hpc_zsem"):
@@ -185,3 +175,22 @@ def test_each_rank_reads_only_its_share_of_the_training_sample(em_crop, tmp_path
     whole = Run(config, SerialComm())
     np.testing.assert_array_equal(np.concatenate([b.Y for job in jobs for b in job.blocks]),
                                   np.concatenate([b.Y for b in whole.blocks]))
+
+
+def test_a_stopped_estimation_pass_continues_with_the_tiles_not_yet_written(em_crop, tmp_path, caplog):
+    _, noisy = em_crop
+    settings = ["training.max_patches=1500", "estimation.tile=[16,16]"]          # 16 tiles, one per round
+    reference = tmp_path / "ref.h5"
+    run(config_for(noisy, reference, *settings), SerialComm())
+    out = tmp_path / "stopped.h5"
+    config = config_for(noisy, out, *settings)
+    with pytest.raises(StopRequested, match="continues with the tiles not yet written"):
+        run(config, SerialComm(), stop=StopAtCheck(4 + 6))            # 4 training epochs, then 6 rounds of tiles
+    assert not out.exists() and (tmp_path / "stopped.h5.partial").exists()
+    with caplog.at_level(logging.INFO, logger="hpc_zsem"):
+        run(config, SerialComm(), resume=find_resumable(config))
+    assert "6 were written before the stop, 10 to go" in caplog.text
+    resumed, ref = read_result(out), read_result(reference)
+    np.testing.assert_array_equal(resumed["mean"], ref["mean"])
+    np.testing.assert_array_equal(resumed["variance"], ref["variance"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.h5", "stopped.h5"]

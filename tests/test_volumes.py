@@ -97,3 +97,44 @@ def test_output_checks(tmp_path):
         w.write(plan_tiles((10, 10), (10, 10), (2, 2))[0], np.zeros((10, 10)), np.zeros((10, 10)))
     w.abort()
     assert not (tmp_path / "o.h5").exists()
+
+
+@pytest.mark.parametrize("shape", [(100, 120), (2, 100, 120)])
+def test_suspended_pass_resumes_only_with_the_same_key_and_a_clean_suspend(tmp_path, shape):
+    path = tmp_path / "out.h5"
+    rng = np.random.default_rng(5)
+    mean = rng.normal(size=shape).astype(np.float32)
+    var = rng.random(size=shape).astype(np.float32)
+    tiles = plan_tiles(shape, (50, 50), (4, 4), 1)
+
+    def write(w, chosen):
+        for t in chosen:
+            w.write(t, mean[t.out_index], var[t.out_index])
+
+    w = VolumeWriter(path, shape, resume_key="run A")
+    write(w, tiles[:3])
+    w.suspend()
+    assert not path.exists() and (tmp_path / "out.h5.partial").exists()
+    w = VolumeWriter(path, shape, resume_key="run A")
+    assert w.written == {(t.z, t.y0, t.y1, t.x0, t.x1) for t in tiles[:3]}
+    write(w, tiles[3:])
+    w.close()
+    with h5py.File(path) as f:
+        np.testing.assert_array_equal(f["mean"][()], mean)
+        np.testing.assert_array_equal(f["variance"][()], var)
+        assert "clean" not in f.attrs and "written_tiles" not in f
+    assert sorted(os.listdir(tmp_path)) == ["out.h5"]
+
+    other = tmp_path / "other.h5"
+    w = VolumeWriter(other, shape, resume_key="run A")
+    write(w, tiles[:2])
+    w.suspend()
+    w = VolumeWriter(other, shape, resume_key="run B")
+    assert w.written == set()                # another run: starts afresh
+    write(w, tiles[:2])
+    w._file.close()                          # as if the job was SIGKILLed while the file was open (clean = 0)
+    w._file = None
+    w = VolumeWriter(other, shape, resume_key="run B")
+    assert w.written == set()
+    w.abort()
+    assert not (tmp_path / "other.h5.partial").exists()

@@ -10,6 +10,12 @@ exactly once, writes params/history/metadata (the result-file layout of :mod:`hp
 (or :meth:`abort`, or leaving a ``with`` block by an exception) removes the temporary file and leaves an
 existing output untouched.
 
+Resumable passes: with ``resume_key`` the temporary file is ``<name>.partial`` (a fixed name) instead. On
+:meth:`suspend` (a stop request) it is flushed and closed with the list of written tiles and the mark
+``clean = 1``; a later writer with the same ``resume_key`` reopens it and :attr:`written` tells which tiles
+to skip. A partial file that was not suspended cleanly (e.g. the job was SIGKILLed while it was open, so the
+HDF5 file may be inconsistent) or that has another key is discarded, and the pass starts afresh.
+
 Parallel runs (the pip h5py has no MPI-IO): **rank 0 owns the writer; other ranks send each finished tile
 (its :class:`~hpc_zsem.tiles.Tile` and the two float32 core arrays) to rank 0**, which writes it as it
 arrives. Memory per rank is bounded by a few tiles plus the HDF5 chunk cache, never by the volume; the
@@ -42,7 +48,8 @@ class VolumeWriter:
 
     def __init__(self, path: str | os.PathLike, shape: tuple[int, ...], chunks: tuple[int, int] = (CHUNK, CHUNK),
                  attrs: Mapping[str, Any] | None = None, *, element_size_um: tuple[float, ...] | None = None,
-                 extra: tuple[str, ...] = (), overwrite: bool = False, compression_level: int = 4):
+                 extra: tuple[str, ...] = (), overwrite: bool = False, compression_level: int = 4,
+                 resume_key: str | None = None):
         shape = tuple(int(n) for n in shape)
         if len(shape) not in (2, 3) or min(shape) < 1:
             raise ValueError(f"expected a (Y, X) or (Z, Y, X) shape, got {shape}")
@@ -56,8 +63,15 @@ class VolumeWriter:
         self._history: dict[str, np.ndarray] = {}
         self._written: set[tuple] = set()
         self._pixels = 0
-        self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
-        self._file: h5py.File | None = h5py.File(self.tmp, "w", rdcc_nbytes=_CHUNK_CACHE)
+        self._resume_key = resume_key
+        if resume_key is None:
+            self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        else:
+            self.tmp = self.path.with_name(f"{self.path.name}.partial")
+            self._file = self._reopen()
+            if self._file is not None:
+                return
+        self._file = h5py.File(self.tmp, "w", rdcc_nbytes=_CHUNK_CACHE)
         try:
             for name in self.names:
                 ds = self._file.create_dataset(name, shape=shape, dtype=np.float32, chunks=_chunks(shape, chunks),
@@ -71,6 +85,67 @@ class VolumeWriter:
                     if len(size) != len(shape):
                         raise ValueError(f"element_size_um {size} does not match the axes {self.axes}")
                     ds.attrs["element_size_um"] = np.asarray(size, dtype=np.float32)
+            if resume_key is not None:
+                self._mark_open()
+        except BaseException:
+            self.abort()
+            raise
+
+    # ---------------------------------------------------------------- resumable passes
+    def _reopen(self) -> h5py.File | None:
+        """The partial file of an earlier, cleanly suspended pass with the same key and shape, or None (any
+        other partial file is removed)."""
+        if not self.tmp.exists():
+            return None
+        try:
+            f = h5py.File(self.tmp, "r+", rdcc_nbytes=_CHUNK_CACHE)
+        except OSError:
+            self.tmp.unlink()
+            return None
+        try:
+            usable = (f.attrs.get("clean") == 1 and f.attrs.get("resume_key") == np.bytes_(self._resume_key.encode())
+                      and all(name in f and f[name].shape == self.shape for name in self.names)
+                      and "written_tiles" in f)
+            if usable:
+                self._written = {tuple(None if v < 0 else int(v) for v in row) for row in f["written_tiles"][()]}
+                self._pixels = sum((y1 - y0) * (x1 - x0) for _, y0, y1, x0, x1 in self._written)
+                del f["written_tiles"]
+                self._file = f
+                self._mark_open()
+                return f
+        except (OSError, KeyError, ValueError, TypeError):
+            pass
+        f.close()
+        self.tmp.unlink()
+        self._written, self._pixels = set(), 0
+        return None
+
+    def _mark_open(self) -> None:
+        """Mark the partial file as being written (``clean = 0``) before any tile goes in."""
+        self._file.attrs["resume_key"] = np.bytes_(self._resume_key.encode())
+        self._file.attrs["clean"] = 0
+        self._file.flush()
+
+    @property
+    def written(self) -> set[tuple]:
+        """Keys (z, y0, y1, x0, x1) of the tiles already in the file (z is None for 2-D volumes)."""
+        return set(self._written)
+
+    def suspend(self) -> None:
+        """Keep the partial file for a later writer with the same ``resume_key``: store the written tiles,
+        mark it clean, flush and close. Without a resume key this is :meth:`abort`."""
+        if self._file is None or self._resume_key is None:
+            self.abort()
+            return
+        try:
+            rows = np.array([[-1 if v is None else v for v in key] for key in sorted(self._written, key=str)],
+                            dtype=np.int64).reshape(-1, 5)
+            self._file.create_dataset("written_tiles", data=rows)
+            self._file.attrs["clean"] = 1
+            self._file.flush()
+            self._file.close()
+            self._file = None
+            _fsync(self.tmp)
         except BaseException:
             self.abort()
             raise
@@ -134,6 +209,9 @@ class VolumeWriter:
             if self._pixels != total:
                 raise ValueError(f"{self.path}: only {self._pixels} of {total} pixels were written")
             f = self._file
+            for key in ("clean", "resume_key"):
+                if key in f.attrs:
+                    del f.attrs[key]
             for name, value in self._params.items():
                 f.create_dataset(f"params/{name}", data=value)
             for name, column in self._history.items():
