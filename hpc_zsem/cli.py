@@ -112,7 +112,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"  model {meta.get('model')}, image {result['mean'].shape}, {meta.get('n_patches')} patches of "
           f"{meta.get('patch_size')}, input {meta.get('input_path')} ({meta.get('input_checksum')})")
     if history.get("epoch") is not None and len(history["epoch"]):
-        print(f"  {len(history['epoch'])} epochs; last free energy per patch {history['free_energy'][-1]:.6g}, "
+        models = f" over {len(set(history['section']))} sections, one model each" if "section" in history else ""
+        print(f"  {len(history['epoch'])} epochs{models}; last free energy per patch {history['free_energy'][-1]:.6g}, "
               f"sigma2 {history['sigma2'][-1]:.6g}; runtime {meta.get('runtime_seconds', float('nan')):.1f}s")
     print("  params: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in result["params"].items()))
     print(f"  config (hash {meta.get('config_hash')}):")

@@ -139,6 +139,8 @@ def test_per_section_cli_on_two_ranks_equals_one_rank(stack_path, per_section_re
                    ranks=2, timeout=180, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "section 3/3: its own model" in proc.stdout
+    info = run_cli(["info", str(out)], cwd=REPO)
+    assert "12 epochs over 3 sections, one model each" in info.stdout
     two, one = read_result(out), read_result(per_section_reference)
     np.testing.assert_allclose(two["mean"], one["mean"], rtol=0, atol=1e-4)
     np.testing.assert_allclose(two["params"]["W"], one["params"]["W"], rtol=1e-9, atol=1e-9)
