@@ -492,8 +492,9 @@ def run(config: Config, comm, overwrite: bool = False, resume: Checkpoint | None
     job.stop = stop
     job._started = t0
     job._input_checksum = input_checksum
+    where = config.input.path + ("" if config.input.section is None else f" section {config.input.section}")
     log.info("hpc-zsem %s: %s on %s (%s pixels), %d patches of %d×%d%s, %d rank(s), %d local block(s)",
-             __version__, config.model.name, config.input.path, "×".join(map(str, job.grid.volume_shape)),
+             __version__, config.model.name, where, "×".join(map(str, job.grid.volume_shape)),
              job.grid.n_patches, *config.patches.size,
              f", training on a sample of {job.n_patches}" if job.streaming else "", comm.size, len(job.blocks))
     if comm.bcast(resume is not None):
