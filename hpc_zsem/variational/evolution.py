@@ -6,7 +6,8 @@ patches of a block:
     population ← K_n (with log-joints under the current Θ)
     repeat `generations` times:
         parents  ← select `parents` states of the population          (fitness / uniform / best)
-        children ← optional uniform crossover of parent pairs, then bit-flip mutation (`children` per parent)
+        children ← optional uniform crossover of parent pairs, then bit-flip mutation (`children` per parent;
+                   the default "random" flip works on the packed words directly)
         score the children that are new (de-duplicated against K_n and each other before scoring)
         population ← children
     K_n ← the S best distinct states of K_n ∪ all children             (by log-joint)
@@ -71,24 +72,30 @@ def uniform_crossover(parents: np.ndarray, rng: np.random.Generator) -> np.ndarr
     return np.where(rng.random((N, P, H)) < 0.5, parents, mates)
 
 
-def mutate(parents: np.ndarray, n_children: int, rule: str, expected_active: float,
-           rng: np.random.Generator) -> np.ndarray:
-    """Children (N, P·n_children, H) of parents (N, P, H) by bit flips.
+def flip_one_bit(parents: np.ndarray, n_children: int, H: int, rng: np.random.Generator) -> np.ndarray:
+    """The "random" mutation on packed states: children (N, P·n_children, W) of parents (N, P, W), each with
+    exactly one uniformly chosen bit h ∈ [0, H) flipped (bit h mod 64 of word h // 64). No unpacking."""
+    kids = np.repeat(parents, n_children, axis=1)
+    bit = rng.integers(0, H, size=kids.shape[:2])
+    flips = np.zeros_like(kids)
+    np.put_along_axis(flips, (bit // 64)[:, :, None], np.left_shift(np.uint64(1), (bit % 64).astype(np.uint64))[:, :, None],
+                      axis=2)
+    return kids ^ flips
 
-    random: flip exactly one uniformly chosen bit.
-    sparse: flip each bit independently, with probabilities chosen so that one bit flips on average and the
-            expected number of active units after the flip moves to the prior mean ρ = Σ_h π_h: for a parent
-            with k ones, k·p(1→0) = (1 − ρ + k)/2 and (H−k)·p(0→1) = (1 + ρ − k)/2 (clipped to [0, 1]).
-            A child that equals its parent gets one uniformly chosen flip instead.
+
+def mutate_sparse(parents: np.ndarray, n_children: int, expected_active: float,
+                  rng: np.random.Generator) -> np.ndarray:
+    """The "sparse" mutation: children (N, P·n_children, H) of parents (N, P, H) (bool).
+
+    Every bit flips independently, with probabilities chosen so that one bit flips on average and the
+    expected number of active units after the flip moves to the prior mean ρ = Σ_h π_h: for a parent with
+    k ones, k·p(1→0) = (1 − ρ + k)/2 and (H−k)·p(0→1) = (1 + ρ − k)/2 (clipped to [0, 1]). A child that
+    equals its parent gets one uniformly chosen flip instead.
     """
     N, P, H = parents.shape
     kids = np.repeat(parents, n_children, axis=1)
     one_flip = np.zeros(kids.shape, dtype=bool)
     np.put_along_axis(one_flip, rng.integers(0, H, size=kids.shape[:2])[:, :, None], True, axis=2)
-    if rule == "random":
-        return kids ^ one_flip
-    if rule != "sparse":
-        raise ValueError(f"unknown mutation rule {rule!r}")
     k = kids.sum(axis=2, keepdims=True).astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         p_off = np.clip((1.0 - expected_active + k) / (2.0 * k), 0.0, 1.0)
@@ -133,10 +140,15 @@ def evolve(K: np.ndarray, lpj_K: np.ndarray, H: int, settings: EvolutionSettings
     population, pop_lpj = K, lpj_K
     for _ in range(settings.generations):
         parent_idx = select_parents(pop_lpj, settings.parents, settings.selection, rng)
-        parents = unpack(np.take_along_axis(population, parent_idx[:, :, None], axis=1), H)
+        parents = np.take_along_axis(population, parent_idx[:, :, None], axis=1)
         if settings.crossover:
-            parents = uniform_crossover(parents, rng)
-        children = pack(mutate(parents, settings.children, settings.mutation, expected_active, rng))
+            parents = pack(uniform_crossover(unpack(parents, H), rng))
+        if settings.mutation == "random":
+            children = flip_one_bit(parents, settings.children, H, rng)
+        elif settings.mutation == "sparse":
+            children = pack(mutate_sparse(unpack(parents, H), settings.children, expected_active, rng))
+        else:
+            raise ValueError(f"unknown mutation rule {settings.mutation!r}")
         n_known = candidates.shape[1]
         candidates = np.concatenate([candidates, children], axis=1)
         padded = np.concatenate([cand_lpj, np.full(children.shape[:2], np.nan)], axis=1)
