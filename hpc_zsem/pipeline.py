@@ -254,12 +254,26 @@ class Run:
                                                            b.ids + self.key_offset))
             for key, value in stats.items():
                 total[key] = total[key] + value if key in total else np.asarray(value, dtype=np.float64)
+        return self._allreduce_with_flags(total)
+
+    def refine(self, epoch: int) -> None:
+        """One E-step with Θ frozen on the local blocks: the truncated sets improve, no statistics are made;
+        only the stop/checkpoint flags are allreduced."""
+        for b in self.blocks:
+            b.state = self.model.refine(b.Y, self.params, b.state,
+                                        [PatchRandom(self.config.training.seed, STAGE_ESTIMATE, epoch,
+                                                     b.ids + self.key_offset)])
+        self._allreduce_with_flags({})
+
+    def _allreduce_with_flags(self, total: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Allreduce ``total`` together with this rank's stop / checkpoint-due flags (so every rank agrees on
+        them without an extra message); the flags go to ``self._flags``, the sums are returned."""
         every_seconds = self.config.checkpoint.every_seconds
         total[_STOP] = np.array(1.0 if self.stop else 0.0)
         total[_TIME_DUE] = np.array(1.0 if every_seconds > 0 and
                                     time.monotonic() - self._last_checkpoint >= every_seconds else 0.0)
         stats = self.comm.allreduce_stats(total)
-        if not self._reported_allreduce:
+        if len(stats) > 2 and not self._reported_allreduce:
             log.info("allreduce of %s bytes per epoch (%d statistics)", f"{8 * sum(v.size for v in stats.values()):,}",
                      len(stats))
             self._reported_allreduce = True
@@ -298,7 +312,7 @@ class Run:
         (in input intensity units), None elsewhere."""
         t0 = time.perf_counter()
         for epoch in range(self.estimate_from, self.config.estimation.epochs + 1):
-            self.e_step(STAGE_ESTIMATE, epoch)
+            self.refine(epoch)
             self._epoch_boundary("estimate", epoch)
         accumulator = PixelAccumulator(self.grid.volume_shape)
         for b in self.blocks:
