@@ -13,8 +13,8 @@ The pipeline (``hpc_zsem.pipeline``) drives it like this, identically on every r
         params = model.m_step(params, stats)                    # identical on every rank
     for each local block b:  Ŷ_b = model.estimate(Y_b, params, state_b)   # (N_b, D) clean-patch estimates
 
-The streamed estimation pass (patches seen for the first time, Θ frozen) uses
-``state_b = model.refine(Y_b, params, model.init_block_state(...), [rng_e1, rng_e2, …])`` instead of
+E-steps with Θ frozen (the estimation epochs; in a streamed pass on patches seen for the first time, after
+``init_block_state``) use ``state_b = model.refine(Y_b, params, state_b, [rng_e1, rng_e2, …])`` instead of
 ``e_step``: the same states, without the statistics no M-step will use.
 
 Every ``rng_b`` is a ``hpc_zsem.randomness.PatchRandom`` keyed by (seed, stage, epoch, global patch index) —
