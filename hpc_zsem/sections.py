@@ -28,12 +28,12 @@ from hpc_zsem.io.checkpoint import Checkpoint, checkpoint_path, find_resumable
 from hpc_zsem.io.images import file_checksum
 from hpc_zsem.io.regions import open_source
 from hpc_zsem.io.results import _plain, open_result
-from hpc_zsem.io.volumes import VolumeWriter
+from hpc_zsem.io.volumes import CHUNK, VolumeWriter
 from hpc_zsem.pipeline import output_pixel_size, run
 
 log = logging.getLogger("hpc_zsem")
 
-COPY_ROWS = 1024   # rows per band when the parts are copied into the output volume
+COPY_BYTES = 64 << 20   # about this many bytes per image and band when the parts are copied into the output
 
 
 def parts_dir(config: Config) -> Path:
@@ -142,6 +142,7 @@ def _assemble(config: Config, parts: list[Path], overwrite: bool, started: str, 
     with open_result(parts[0]) as f:
         plane = f["mean"].shape
         images = [name for name in ("mean", "variance", "input") if name in f]
+    rows = max(CHUNK, COPY_BYTES // (4 * plane[1]) // CHUNK * CHUNK)      # whole 256-row chunks per band
     writer = VolumeWriter(config.output.path, (len(parts),) + plane, element_size_um=output_pixel_size(config),
                           extra=tuple(images[2:]), overwrite=overwrite)
     params: dict[str, list[np.ndarray]] = {}
@@ -150,8 +151,8 @@ def _assemble(config: Config, parts: list[Path], overwrite: bool, started: str, 
     with writer:
         for z, part in enumerate(parts):
             with open_result(part) as f:
-                for y0 in range(0, plane[0], COPY_ROWS):
-                    y1 = min(y0 + COPY_ROWS, plane[0])
+                for y0 in range(0, plane[0], rows):
+                    y1 = min(y0 + rows, plane[0])
                     mean, variance, *extra = (f[name][y0:y1] for name in images)
                     writer.write(_Band(z, y0, y1, 0, plane[1]), mean, variance, **dict(zip(images[2:], extra)))
                 for key, value in f["params"].items():

@@ -116,7 +116,11 @@ def test_per_section_volume_holds_one_model_per_section(stack_path, per_section_
 
 
 def test_per_section_resumes_after_a_stop_and_skips_finished_sections(stack_path, per_section_reference,
-                                                                       tmp_path, caplog):
+                                                                       tmp_path, caplog, monkeypatch):
+    import hpc_zsem.sections as sections
+
+    monkeypatch.setattr(sections, "CHUNK", 16)            # assemble in bands of 16 rows (3 per section)
+    monkeypatch.setattr(sections, "COPY_BYTES", 1)
     out = tmp_path / "stopped.h5"
     config = config_for(stack_path, out, "training.per_section=true")
     with pytest.raises(StopRequested):
