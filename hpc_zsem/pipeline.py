@@ -92,14 +92,12 @@ def preflight(config: Config, overwrite: bool, ranks: int = 1) -> int:
     of sections of the (cropped) input: 1 for a 2-D image."""
     check_output_path(config.output.path, overwrite)
     with _open(config) as source:
-        plane, sections = source.plane_shape, source.n_sections
-    n_sections = sections
+        plane, n_sections = source.plane_shape, source.n_sections
     h, w = config.patches.size
     if h > plane[0] or w > plane[1]:
         raise InputError(f"{config.input.path}: the image ({plane[0]}×{plane[1]} after crop/downsample) is "
                          f"smaller than patches.size {[h, w]}")
-    if config.training.per_section:     # one section at a time, each an ordinary 2-D run
-        sections = 1
+    sections = 1 if config.training.per_section else n_sections   # per section: one 2-D run at a time
     grid = PatchGrid(plane, (h, w), config.patches.stride, sections)
     streaming = _streaming(config, grid.n_patches)
     t = config.truncation
