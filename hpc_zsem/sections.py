@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from hpc_zsem.config import Config
-from hpc_zsem.errors import ConfigError, HpcZsemError
+from hpc_zsem.errors import ConfigError, HpcZsemError, OutputError
 from hpc_zsem.io.checkpoint import Checkpoint, checkpoint_path, find_resumable
 from hpc_zsem.io.images import file_checksum
 from hpc_zsem.io.regions import open_source
@@ -93,7 +93,11 @@ def run_per_section(config: Config, comm, overwrite: bool = False, restart: bool
     def prepare() -> tuple[int, str]:
         with open_source(config.input.path, crop=config.input.crop, downsample=config.input.downsample) as source:
             n = source.n_sections
-        parts_dir(config).mkdir(exist_ok=True)
+        try:
+            parts_dir(config).mkdir(exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{parts_dir(config)}: cannot create the directory for finished sections "
+                              f"({exc.strerror})") from None
         return n, file_checksum(config.input.path)
 
     n_sections, checksum = _on_root(comm, prepare)
@@ -120,7 +124,10 @@ def run_per_section(config: Config, comm, overwrite: bool = False, restart: bool
         _assemble(config, parts, overwrite, started, time.perf_counter() - t0)
         for part in parts:
             part.unlink()
-        parts_dir(config).rmdir()
+        try:
+            parts_dir(config).rmdir()
+        except OSError:
+            log.warning("%s: not removed, it holds files this run did not write", parts_dir(config))
         log.info("wrote %s (%d sections, one model each) in %.0fs", config.output.path, n_sections,
                  time.perf_counter() - t0)
     comm.bcast(None)        # no rank exits before the output is in place

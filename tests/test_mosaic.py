@@ -200,3 +200,17 @@ def test_a_stopped_estimation_pass_continues_with_the_tiles_not_yet_written(em_c
     np.testing.assert_array_equal(resumed["mean"], ref["mean"])
     np.testing.assert_array_equal(resumed["variance"], ref["variance"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.h5", "stopped.h5"]
+
+
+def test_per_section_refuses_a_foreign_finished_section(stack_path, tmp_path):
+    """A finished section of another config is never silently replaced: one-line error, exit code 2."""
+    out = tmp_path / "o.h5"
+    parts = tmp_path / "o.h5.sections"
+    parts.mkdir()
+    run(config_for(stack_path, parts / "z0000.h5", "input.section=0", "training.epochs=1"), SerialComm())
+    before = (parts / "z0000.h5").read_bytes()
+    proc = run_cli(["run", "configs/demo.yaml", "--set", f"input.path={stack_path}", "--set", f"output.path={out}",
+                    *[x for kv in SMALL for x in ("--set", kv)], "--set", "training.per_section=true"], cwd=REPO)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "z0000.h5: a finished section of a different run" in proc.stderr and "--restart" in proc.stderr
+    assert (parts / "z0000.h5").read_bytes() == before and not out.exists()
