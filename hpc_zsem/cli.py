@@ -124,11 +124,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_slurm(args: argparse.Namespace) -> int:
     from hpc_zsem.config import load_config
-    from hpc_zsem.slurm import effective_shape, render
+    from hpc_zsem.slurm import render
 
     config = load_config(args.config, args.set)
-    print(render(args.config, config, effective_shape(config), args.template, args.ranks, args.nodes, args.time,
-                 args.cpus_per_task, args.set), end="")
+    print(render(args.config, config, args.template, args.ranks, args.nodes, args.time, args.cpus_per_task,
+                 args.set), end="")
     return 0
 
 

@@ -86,27 +86,42 @@ def _open(config: Config):
     return open_source(i.path, i.section, crop=i.crop, downsample=i.downsample)
 
 
+def input_geometry(config: Config) -> tuple[tuple[int, int], int]:
+    """(plane shape, number of sections) of the input after crop/downsample, from its headers only."""
+    with _open(config) as source:
+        return source.plane_shape, source.n_sections
+
+
+def memory_per_rank(config: Config, plane: tuple[int, int], n_sections: int, ranks: int) -> tuple[dict[str, int], int]:
+    """The memory estimate of the busiest rank (``hpc_zsem.resources.estimate_memory_per_rank``) for this
+    config on an input of ``n_sections`` planes of shape ``plane``, and the number of training patches:
+    a sample of ``training.max_patches`` with tile-sized images when streaming, one section at a time with
+    ``training.per_section``."""
+    h, w = config.patches.size
+    sections = 1 if config.training.per_section else n_sections
+    grid = PatchGrid(plane, (h, w), config.patches.stride, sections)
+    streaming = _streaming(config, grid.n_patches)
+    n_train = min(grid.n_patches, config.training.max_patches or grid.n_patches)
+    t = config.truncation
+    estimate = estimate_memory_per_rank(
+        n_patches_total=n_train, ranks=ranks, D=h * w, model=config.model.name, H=config.model.H, S=t.S,
+        candidates_per_patch=t.parents * t.children * t.generations, C=config.model.C,
+        block_size=config.training.block_size,
+        image_pixels=int(np.prod(config.estimation.tile)) if streaming else sections * plane[0] * plane[1])
+    return estimate, n_train
+
+
 def preflight(config: Config, overwrite: bool, ranks: int = 1) -> int:
     """Cheap checks before any heavy work (run on rank 0): output writable, input readable (headers only)
     and large enough, and the memory estimate within ``resources.max_memory_per_rank``. Returns the number
     of sections of the (cropped) input: 1 for a 2-D image."""
     check_output_path(config.output.path, overwrite)
-    with _open(config) as source:
-        plane, n_sections = source.plane_shape, source.n_sections
+    plane, n_sections = input_geometry(config)
     h, w = config.patches.size
     if h > plane[0] or w > plane[1]:
         raise InputError(f"{config.input.path}: the image ({plane[0]}×{plane[1]} after crop/downsample) is "
                          f"smaller than patches.size {[h, w]}")
-    sections = 1 if config.training.per_section else n_sections   # per section: one 2-D run at a time
-    grid = PatchGrid(plane, (h, w), config.patches.stride, sections)
-    streaming = _streaming(config, grid.n_patches)
-    t = config.truncation
-    estimate = estimate_memory_per_rank(
-        n_patches_total=min(grid.n_patches, config.training.max_patches or grid.n_patches), ranks=ranks,
-        D=h * w, model=config.model.name, H=config.model.H, S=t.S, candidates_per_patch=t.parents * t.children *
-        t.generations, C=config.model.C, block_size=config.training.block_size,
-        image_pixels=int(np.prod(config.estimation.tile)) if streaming else sections * plane[0] * plane[1])
-    check_memory(estimate, config.resources.max_memory_per_rank)
+    check_memory(memory_per_rank(config, plane, n_sections, ranks)[0], config.resources.max_memory_per_rank)
     return n_sections
 
 

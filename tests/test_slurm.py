@@ -237,6 +237,11 @@ def test_slurm_command_fills_only_sbatch_lines_and_variables(tmp_path):
     assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
     multi = _render(tmp_path, "--template", "multi_node", "--ranks", "8", "--nodes", "2")
     assert "#SBATCH --ntasks-per-node=4" in multi and "#SBATCH --nodes=2" in multi and "--ntasks=" not in multi
+    # a mosaic run trains on its sample only: the estimate counts those patches, not every patch of the image
+    whole = int(re.search(r"(\d+) training patches", lines[1]).group(1))
+    sampled = _render(tmp_path, "--ranks", "6", "--set", "model.H=64", "--set", "training.max_patches=500")
+    assert "500 training patches" in sampled and whole > 500
+    assert int(re.search(r"--mem-per-cpu=(\d+)M", sampled).group(1)) <= int(mem.group(1))
 
 
 @pytest.mark.slow
