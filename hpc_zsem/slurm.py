@@ -8,8 +8,8 @@ printed script is the tested template with other values. The memory request per 
      + BASELINE) / cpus-per-task, rounded up to 100 MiB                rank 0 for a checkpoint (list + array)
 
 where n_training is the training set (all patches, ``training.max_patches`` for mosaics, one section with
-``training.per_section``), with BASELINE = 150 MiB for the interpreter and its libraries (measured ≈ 62 MiB for the imports alone; peaks
-of 127/175 MiB for whole demo runs with H = 32/64 on one rank).
+``training.per_section``) and BASELINE = 150 MiB for the interpreter and its libraries (measured ≈ 62 MiB for
+the imports alone; peaks of 127/175 MiB for whole demo runs with H = 32/64 on one rank).
 """
 from __future__ import annotations
 
