@@ -346,10 +346,9 @@ class Run:
         out = np.empty_like(Y)
         for start in range(0, len(Y), size):
             part = slice(start, start + size)
-            state = self.model.init_block_state(Y[part], self.params, PatchRandom(seed, STAGE_INIT, 0, ids[part]))
-            state = self.model.refine(Y[part], self.params, state,
-                                      [PatchRandom(seed, STAGE_ESTIMATE, epoch, ids[part])
-                                       for epoch in range(1, self.config.estimation.epochs + 1)])
+            state = self.model.init_block_state(Y[part], self.params, PatchRandom(seed, STAGE_INIT, 0, ids[part]),
+                                                [PatchRandom(seed, STAGE_ESTIMATE, epoch, ids[part])
+                                                 for epoch in range(1, self.config.estimation.epochs + 1)])
             out[part] = self.model.estimate(Y[part], self.params, state)
         return out
 

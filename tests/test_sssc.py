@@ -124,6 +124,8 @@ def test_refine_leaves_the_states_of_repeated_e_steps():
         K, _ = model.e_step(Y, truth, K, np.random.default_rng(10 + epoch))
     refined = model.refine(Y, truth, K0, [np.random.default_rng(10 + epoch) for epoch in range(3)])
     np.testing.assert_array_equal(refined, K)
+    fresh = model.init_block_state(Y, truth, np.random.default_rng(1), [np.random.default_rng(10 + e) for e in range(3)])
+    np.testing.assert_array_equal(fresh, K)                  # init and refinement in one call: the same sets
     free_energy = [model.e_step(Y, truth, k, np.random.default_rng(0))[1]["free_energy"] for k in (K0, refined)]
     assert free_energy[1] > free_energy[0]
 

@@ -13,9 +13,9 @@ The pipeline (``hpc_zsem.pipeline``) drives it like this, identically on every r
         params = model.m_step(params, stats)                    # identical on every rank
     for each local block b:  Ŷ_b = model.estimate(Y_b, params, state_b)   # (N_b, D) clean-patch estimates
 
-E-steps with Θ frozen (the estimation epochs; in a streamed pass on patches seen for the first time, after
-``init_block_state``) use ``state_b = model.refine(Y_b, params, state_b, [rng_e1, rng_e2, …])`` instead of
-``e_step``: the same states, without the statistics no M-step will use.
+E-steps with Θ frozen (the estimation epochs) use ``state_b = model.refine(Y_b, params, state_b, [rng_e1, …])``
+instead of ``e_step``: the same states, without the statistics no M-step will use. A streamed pass, on patches
+seen for the first time, asks for both at once: ``model.init_block_state(Y_b, params, rng_b, [rng_e1, …])``.
 
 Every ``rng_b`` is a ``hpc_zsem.randomness.PatchRandom`` keyed by (seed, stage, epoch, global patch index) —
 first axis of every draw = the block's patches — so results do not depend on the number
@@ -23,6 +23,7 @@ of ranks. ``stats`` always holds ``"free_energy"`` (Σ_n of the per-patch free e
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -64,11 +65,15 @@ class PatchModel(Protocol):
 
     def init_params(self, summary: PatchSummary, sample: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]: ...
 
-    def init_block_state(self, Y: np.ndarray, params: dict[str, np.ndarray], rng: np.random.Generator) -> Any: ...
+    def init_block_state(self, Y: np.ndarray, params: dict[str, np.ndarray], rng: np.random.Generator,
+                         refine_rngs: Sequence[np.random.Generator] = ()) -> Any:
+        """A fresh variational state, followed by one frozen-Θ E-step per ``refine_rngs`` (as ``refine``)."""
+        ...
 
     def e_step(self, Y: np.ndarray, params: dict[str, np.ndarray], state: Any, rng: np.random.Generator) -> tuple[Any, Stats]: ...
 
-    def refine(self, Y: np.ndarray, params: dict[str, np.ndarray], state: Any, rngs: list[np.random.Generator]) -> Any:
+    def refine(self, Y: np.ndarray, params: dict[str, np.ndarray], state: Any,
+               rngs: Sequence[np.random.Generator]) -> Any:
         """One E-step per rng with Θ frozen, no statistics: the state ``e_step`` would leave after as many
         calls with these rngs."""
         ...

@@ -14,6 +14,7 @@ and z | c, y ~ Gamma(α_c+ŷ, β_c+S_c). Counts may be non-integer floats (after
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -157,7 +158,8 @@ class GPMM:
             "beta": np.full(self.C, beta),
         }
 
-    def init_block_state(self, Y: np.ndarray, params: dict[str, np.ndarray], rng: np.random.Generator) -> None:
+    def init_block_state(self, Y: np.ndarray, params: dict[str, np.ndarray], rng: np.random.Generator,
+                         refine_rngs: Sequence[np.random.Generator] = ()) -> None:
         """Exact posteriors need no per-block state."""
         return None
 
@@ -180,7 +182,7 @@ class GPMM:
         return None, stats
 
     def refine(self, Y: np.ndarray, params: dict[str, np.ndarray], state: None,
-               rngs: list[np.random.Generator]) -> None:
+               rngs: Sequence[np.random.Generator]) -> None:
         """Exact posteriors: nothing to improve."""
         return None
 

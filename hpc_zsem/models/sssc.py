@@ -15,6 +15,7 @@ pair only the O(k²) product M_A⁻¹ r remains.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -222,9 +223,11 @@ class SSSC:
         return {"W": W, "pi": np.full(H, min(2.0 / H, 0.5)), "mu": np.zeros(H),
                 "psi": np.eye(H) if self.full_psi else np.ones(H), "sigma2": np.array(sigma2)}
 
-    def init_block_state(self, Y: np.ndarray, params: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    def init_block_state(self, Y: np.ndarray, params: dict[str, np.ndarray], rng: np.random.Generator,
+                         refine_rngs: Sequence[np.random.Generator] = ()) -> np.ndarray:
         """K_n = the S best distinct states (under the initial Θ) among the S lowest-weight states and S
-        states drawn from the prior; returns (N, S, ⌈H/64⌉) packed states."""
+        states drawn from the prior, then improved by ``len(refine_rngs)`` frozen-Θ E-steps (as ``refine``,
+        reusing the log-joints the selection already has); returns (N, S, ⌈H/64⌉) packed states."""
         S, H, N = self.evolution.S, self.H, Y.shape[0]
         fixed = np.broadcast_to(lowest_weight_states(H, S), (N, S, H))
         drawn = rng.random((N, S, H)) < np.clip(params["pi"], PI_FLOOR, 1.0 - PI_FLOOR)
@@ -232,7 +235,8 @@ class SSSC:
         score = self._scorer(self._block_terms(Y, params))
         lpj = score_new(candidates, np.full(candidates.shape[:2], np.nan), 0, score)
         keep, _ = best_distinct(candidates, lpj, S)
-        return np.take_along_axis(candidates, keep[:, :, None], axis=1)
+        K = np.take_along_axis(candidates, keep[:, :, None], axis=1)
+        return self._evolve_frozen(K, np.take_along_axis(lpj, keep, axis=1), params, score, refine_rngs)
 
     # ----------------------------------------------------------------- E-step
     @staticmethod
@@ -265,8 +269,8 @@ class SSSC:
         stats = sufficient_statistics(groups, q, rows, Y, self.H, self.full_psi)
         stats["free_energy"] = np.array(log_norm.sum())
         stats["N"] = np.array(float(Y.shape[0]))
-        expected_active = float(np.clip(params["pi"], PI_FLOOR, 1.0 - PI_FLOOR).sum())
-        new_K, _, accepted = evolve(K, lpj, self.H, self.evolution, expected_active, self._scorer(terms), rng)
+        new_K, _, accepted = evolve(K, lpj, self.H, self.evolution, _expected_active(params), self._scorer(terms),
+                                    rng)
         stats["accepted"] = np.array(float(accepted))
         return new_K, stats
 
@@ -277,9 +281,13 @@ class SSSC:
         N, S, _ = K.shape
         score = self._scorer(self._block_terms(Y, params))
         lpj = score(np.repeat(np.arange(N), S), K.reshape(N * S, -1)).reshape(N, S)
-        expected_active = float(np.clip(params["pi"], PI_FLOOR, 1.0 - PI_FLOOR).sum())
+        return self._evolve_frozen(K, lpj, params, score, rngs)
+
+    def _evolve_frozen(self, K: np.ndarray, lpj: np.ndarray, params: dict[str, np.ndarray], score,
+                       rngs: Sequence[np.random.Generator]) -> np.ndarray:
+        """One evolutionary E-step per rng under a fixed Θ, carrying the log-joints of K along."""
         for rng in rngs:
-            K, lpj, _ = evolve(K, lpj, self.H, self.evolution, expected_active, score, rng)
+            K, lpj, _ = evolve(K, lpj, self.H, self.evolution, _expected_active(params), score, rng)
         return K
 
     def estimate(self, Y: np.ndarray, params: dict[str, np.ndarray], K: np.ndarray) -> np.ndarray:
@@ -315,6 +323,11 @@ class SSSC:
 
     def noise_variance(self, params: dict[str, np.ndarray]) -> float:
         return float(params["sigma2"])
+
+
+def _expected_active(params: dict[str, np.ndarray]) -> float:
+    """ρ = Σ_h π_h, the prior's expected number of active latents (steers the sparse mutation)."""
+    return float(np.clip(params["pi"], PI_FLOOR, 1.0 - PI_FLOOR).sum())
 
 
 def _solve_ridge(S_szsz: np.ndarray, S_ysz: np.ndarray, used: np.ndarray, W_old: np.ndarray) -> np.ndarray:
