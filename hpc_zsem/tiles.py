@@ -189,8 +189,7 @@ def sample_index(source, n_patches: int, rng: np.random.Generator, patch: tuple[
     """The sorted global indices (section · patches-per-section + index in section) of ``n_patches`` patches
     drawn uniformly without replacement from all patches of all sections (all of them if there are fewer).
     Needs only the source's shape; the same ``rng`` state gives the same sample on every rank."""
-    per = PatchGrid(tuple(source.plane_shape), tuple(patch), int(stride)).n_patches
-    total = per * source.n_sections
+    total = PatchGrid(tuple(source.plane_shape), tuple(patch), int(stride), source.n_sections).n_patches
     n = min(int(n_patches), total)
     return np.arange(total) if n == total else np.sort(rng.choice(total, size=n, replace=False))
 
@@ -203,9 +202,8 @@ def read_patches(source, ids: np.ndarray, patch: tuple[int, int], stride: int = 
     bounding box of its patches (or, when the patches are sparse in it, each patch alone), so a sparse sample
     of a huge mosaic reads a small fraction of it."""
     ids = np.asarray(ids, dtype=np.int64)
-    grid = PatchGrid(tuple(source.plane_shape), tuple(patch), int(stride))
-    z, local = np.divmod(ids, grid.n_patches)
-    _, cy, cx = grid.corners(local)
+    grid = PatchGrid(tuple(source.plane_shape), tuple(patch), int(stride), source.n_sections)
+    z, cy, cx = grid.corners(ids)
     h, w = grid.size
     gy, gx = (int(g) for g in group)
     keys = np.stack([z, cy // gy, cx // gx])
@@ -230,4 +228,3 @@ def read_patches(source, ids: np.ndarray, patch: tuple[int, int], stride: int = 
         cols = (xs - x0)[:, None, None] + offsets[1][None]
         out[members] = region[rows, cols].reshape(members.size, -1)
     return out
-
