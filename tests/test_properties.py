@@ -93,14 +93,24 @@ def test_extract_matches_a_naive_double_loop(case):
     np.testing.assert_array_equal(grid.extract(image, pick), naive[pick])
 
 
+def _merged_everything(grid, image, estimates):
+    """One accumulator over all patches of ``grid`` with the given estimates."""
+    acc = PixelAccumulator(grid.volume_shape)
+    acc.add(grid, np.arange(grid.n_patches), grid.extract(image, np.arange(grid.n_patches)), estimates)
+    return acc
+
+
+def _noisy_estimates(grid, image, seed, sigma):
+    """All patches of ``image`` and estimates = patches + N(0, σ²) noise."""
+    Y = grid.extract(image, np.arange(grid.n_patches))
+    return Y, Y + np.random.default_rng(seed).normal(0.0, sigma, Y.shape)
+
+
 @PROPS
 @given(grids())
 def test_merging_the_noisy_patches_gives_back_the_image_with_zero_variance(case):
     grid, image, _ = case
-    everything = np.arange(grid.n_patches)
-    Y = grid.extract(image, everything)
-    acc = PixelAccumulator(grid.volume_shape)
-    acc.add(grid, everything, Y, Y.copy())
+    acc = _merged_everything(grid, image, grid.extract(image, np.arange(grid.n_patches)))
     mean, variance = PixelAccumulator.finish(acc.sums, image)
     np.testing.assert_array_equal(mean, image)
     np.testing.assert_array_equal(variance, 0.0)
@@ -115,13 +125,10 @@ def test_merging_over_any_partition_gives_the_same_sums(case, ranks, max_blocks,
     patches in random 'blocks' in random order, then the per-rank sums added: identical counts, sums equal to
     1e-12, to one accumulator over everything."""
     grid, image, _ = case
-    rng = np.random.default_rng(seed)
-    everything = np.arange(grid.n_patches)
-    Y = grid.extract(image, everything)
-    estimates = Y + rng.normal(0.0, 5.0, Y.shape)
-    one = PixelAccumulator(grid.volume_shape)
-    one.add(grid, everything, Y, estimates)
+    Y, estimates = _noisy_estimates(grid, image, seed, 5.0)
+    one = _merged_everything(grid, image, estimates)
 
+    rng = np.random.default_rng(seed + 1)
     owner = rng.integers(0, ranks, grid.n_patches)
     total = np.zeros_like(one.sums)
     for r in range(ranks):
@@ -144,12 +151,9 @@ def test_merging_over_any_partition_gives_the_same_sums(case, ranks, max_blocks,
 @given(grids(max_side=14, max_sections=2), st.integers(0, 2**32 - 1))
 def test_merge_equals_naive_per_pixel_mean_and_population_variance(case, seed):
     grid, image, _ = case
-    rng = np.random.default_rng(seed)
     everything = np.arange(grid.n_patches)
-    Y = grid.extract(image, everything)
-    estimates = Y + rng.normal(0.0, 10.0, Y.shape)
-    acc = PixelAccumulator(grid.volume_shape)
-    acc.add(grid, everything, Y, estimates)
+    _, estimates = _noisy_estimates(grid, image, seed, 10.0)
+    acc = _merged_everything(grid, image, estimates)
     mean, variance = PixelAccumulator.finish(acc.sums, image)
     per_pixel: list[list[float]] = [[] for _ in range(image.size)]
     for n, pixels in enumerate(grid.pixel_index(everything)):

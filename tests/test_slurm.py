@@ -101,6 +101,15 @@ output:
 """
 
 
+def _submit_long_requeue(tmp_path: Path, config: str, name: str) -> tuple[str, Path]:
+    """Submit jobs/long_requeue.sbatch on 2 ranks for ``config``; returns the job id and its checkpoint path."""
+    (tmp_path / "run.yaml").write_text(config)
+    env = {"CONFIG": "run.yaml", "OUTDIR": "results", "WORKDIR": str(tmp_path), "MAX_RESTARTS": "3"}
+    job = _submit(tmp_path, env, "long_requeue.sbatch", "--ntasks=2", "--mem-per-cpu=400M", "--time=10:00",
+                  f"--job-name={name}")
+    return job, tmp_path / "results" / "out.ckpt.h5"
+
+
 def _wait_for_checkpoint(job: str, ckpt, timeout: float = 60.0) -> None:
     """Poll until the running job has written its first checkpoint; fail if the job ends first."""
     end = time.monotonic() + timeout
@@ -114,13 +123,9 @@ def _wait_for_checkpoint(job: str, ckpt, timeout: float = 60.0) -> None:
 @pytest.mark.slow
 @needs_slurm
 def test_long_requeue_checkpoints_requeues_resumes_and_matches_uninterrupted_run(tmp_path):
-    (tmp_path / "run.yaml").write_text(CONFIG)
-    env = {"CONFIG": "run.yaml", "OUTDIR": "results", "WORKDIR": str(tmp_path), "MAX_RESTARTS": "3"}
-    job = _submit(tmp_path, env, "long_requeue.sbatch", "--ntasks=2", "--mem-per-cpu=400M", "--time=10:00",
-                  "--job-name=ckpt-test")
+    job, ckpt = _submit_long_requeue(tmp_path, CONFIG, "ckpt-test")
     reference = None
     try:
-        ckpt = tmp_path / "results" / "out.ckpt.h5"
         _wait_for_checkpoint(job, ckpt)
         # the warning signal that --signal=B:USR1@... would send near the time limit
         subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=20)
@@ -159,14 +164,10 @@ def _has_partition(name: str) -> bool:
 def test_long_requeue_survives_preemption(tmp_path):
     """A job in 'urgent' preempts it (PreemptMode=REQUEUE, GraceTime): slurmstepd sends SIGTERM to the tasks,
     which checkpoint within the grace time and exit 75; the job is requeued and resumes."""
-    (tmp_path / "run.yaml").write_text(CONFIG.replace("epochs: 30", "epochs: 50"))
     cpus = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True, timeout=10).stdout.split()[0]
-    env = {"CONFIG": "run.yaml", "OUTDIR": "results", "WORKDIR": str(tmp_path), "MAX_RESTARTS": "3"}
-    job = _submit(tmp_path, env, "long_requeue.sbatch", "--ntasks=2", "--mem-per-cpu=400M", "--time=10:00",
-                  "--job-name=preempt-test")
+    job, ckpt = _submit_long_requeue(tmp_path, CONFIG.replace("epochs: 30", "epochs: 50"), "preempt-test")
     urgent = None
     try:
-        ckpt = tmp_path / "results" / "out.ckpt.h5"
         _wait_for_checkpoint(job, ckpt)
         urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", f"--ntasks={cpus}", "--mem-per-cpu=50M",
                                  "--output=/dev/null", "--wrap", "sleep 2"], capture_output=True, text=True,
