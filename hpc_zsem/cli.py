@@ -2,7 +2,8 @@
 
 Exit codes: 0 success, 2 bad config/input/output (one-line message, nothing written), 1 unexpected error
 (traceback; under MPI every rank is aborted), 75 stopped by SIGUSR1/SIGTERM after writing a checkpoint (run
-the same command again to resume), 143 a second SIGTERM (immediate exit).
+the same command again to resume), 130 Ctrl-C, 141 the reader of the output went away (``| head``), 143 a
+second SIGTERM (immediate exit).
 """
 from __future__ import annotations
 
@@ -11,8 +12,13 @@ import logging
 import os
 import sys
 
+import numpy as np
+
 from hpc_zsem import __version__
 from hpc_zsem.errors import HpcZsemError
+
+EXIT_INTERRUPTED = 130    # 128 + SIGINT
+EXIT_BROKEN_PIPE = 141    # 128 + SIGPIPE
 
 
 def _setup_logging(rank: int) -> None:
@@ -26,8 +32,21 @@ def _setup_logging(rank: int) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from hpc_zsem.io.runlock import RunLock
+
+    lock = RunLock()
+    try:
+        return _run_locked(args, lock)
+    finally:
+        lock.release()
+
+
+def _run_locked(args: argparse.Namespace, lock) -> int:
+    """``hpc-zsem run``; rank 0 takes ``lock`` (a :class:`~hpc_zsem.io.runlock.RunLock`) on the run's output
+    and checkpoint after the cheap checks and before it reads a checkpoint; the caller releases it."""
     from hpc_zsem.config import load_config
     from hpc_zsem.io.checkpoint import check_checkpoint_path, find_resumable
+    from hpc_zsem.io.paths import check_run_paths, locked_paths, lock_path
     from hpc_zsem.parallel import get_comm, install_abort_on_exception, limit_blas_threads
     from hpc_zsem import pipeline, sections, signals
 
@@ -41,8 +60,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if comm.rank == 0:
         try:
             config = load_config(args.config, args.set)
+            check_run_paths(config)
             n_sections = pipeline.preflight(config, args.overwrite, comm.size)
             check_checkpoint_path(config)
+            lock.acquire([lock_path(p) for _, p in locked_paths(config)])
             per_section = config.training.per_section and n_sections > 1
             if not per_section:
                 resume = find_resumable(config, restart=args.restart)
@@ -113,13 +134,23 @@ def _cmd_info(args: argparse.Namespace) -> int:
           f"{meta.get('patch_size')}, input {meta.get('input_path')} ({meta.get('input_checksum')})")
     if history.get("epoch") is not None and len(history["epoch"]):
         models = f" over {len(set(history['section']))} sections, one model each" if "section" in history else ""
-        print(f"  {len(history['epoch'])} epochs{models}; last free energy per patch {history['free_energy'][-1]:.6g}, "
-              f"sigma2 {history['sigma2'][-1]:.6g}; runtime {meta.get('runtime_seconds', float('nan')):.1f}s")
+        print(f"  {len(history['epoch'])} epochs{models}; last free energy per patch {history['free_energy'][-1]:.6g}"
+              f"{_sigma2_text(result['params'])}; runtime {meta.get('runtime_seconds', float('nan')):.1f}s")
     print("  params: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in result["params"].items()))
     print(f"  config (hash {meta.get('config_hash')}):")
     for line in str(meta.get("config", "")).splitlines():
         print("    " + line)
     return 0
+
+
+def _sigma2_text(params: dict) -> str:
+    """σ² of the final parameters (one value, or the range over the sections of a per-section result)."""
+    if "sigma2" not in params:
+        return ""
+    values = np.ravel(params["sigma2"])
+    if values.size == 1:
+        return f", sigma2 {values[0]:.6g}"
+    return f", sigma2 {values.min():.6g}..{values.max():.6g} over {values.size} sections"
 
 
 def _cmd_slurm(args: argparse.Namespace) -> int:
@@ -130,6 +161,19 @@ def _cmd_slurm(args: argparse.Namespace) -> int:
     print(render(args.config, config, args.template, args.ranks, args.nodes, args.time, args.cpus_per_task,
                  args.set), end="")
     return 0
+
+
+def _count(lowest: int):
+    """An argparse type: an integer >= ``lowest``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lowest}, got {text!r}") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lowest}, got {value}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--restart", action="store_true",
                      help="ignore an existing checkpoint and start afresh (it is replaced when this run writes "
                           "its first checkpoint); by default a run resumes from its checkpoint")
-    run.add_argument("--threads", type=int, default=0,
+    run.add_argument("--threads", type=_count(0), default=0,
                      help="BLAS threads per rank (default: 1 under MPI, the library default otherwise)")
     run.set_defaults(func=_cmd_run)
 
@@ -179,6 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     except HpcZsemError as exc:
         print(f"hpc-zsem: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        print("hpc-zsem: interrupted (Ctrl-C); files written so far are complete (checkpoints are atomic): run "
+              "the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader of our output went away (e.g. `hpc-zsem info x.h5 | head`): stop quietly, like other tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

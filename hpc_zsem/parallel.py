@@ -103,10 +103,17 @@ class MPIComm:
         self.size = self._comm.Get_size()
 
     def allreduce_stats(self, stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names, flat = _flatten(stats)
+        """Σ over ranks of each array of ``stats``. Ranks may hold different keys (a rank without patches
+        has no statistics): the union of keys is agreed first (a small allgather of names and shapes) and a
+        missing key counts as zeros."""
+        shapes = {}
+        for part in self._comm.allgather({k: np.shape(v) for k, v in stats.items()}):
+            shapes.update(part)
+        full = {k: stats[k] if k in stats else np.zeros(shape) for k, shape in shapes.items()}
+        names, flat = _flatten(full)
         total = np.empty_like(flat)
         self._comm.Allreduce(flat, total, op=self._MPI.SUM)
-        return _unflatten(names, stats, total)
+        return _unflatten(names, full, total)
 
     def reduce_sum(self, array: np.ndarray) -> np.ndarray | None:
         array = np.ascontiguousarray(array, dtype=np.float64)
@@ -139,7 +146,7 @@ def get_comm() -> SerialComm | MPIComm:
     SLURM_NTASKS > 1 a world of size 1 means the launcher did not wire up MPI (no PMI)."""
     try:
         from mpi4py import MPI
-    except ImportError:
+    except (ImportError, RuntimeError):   # no mpi4py, or mpi4py ≥ 4 without an MPI library ("cannot load MPI library")
         MPI = None
     size = MPI.COMM_WORLD.Get_size() if MPI is not None else 1
     tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)

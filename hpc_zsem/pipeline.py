@@ -75,10 +75,12 @@ class History:
 
 @dataclass(frozen=True)
 class IntensityMap:
-    """counts = (intensity − offset)/gain for count models (GPMM); the identity for SSSC."""
+    """counts = (intensity − offset)/gain, negatives clipped, for count models (GPMM: ``counts`` is True, even
+    for gain 1 and offset 0); SSSC works on the intensities as they are (``counts`` False)."""
 
     gain: float = 1.0
     offset: float = 0.0
+    counts: bool = False
 
 
 def _open(config: Config):
@@ -139,7 +141,7 @@ def _intensity_map(config: Config, image: np.ndarray) -> IntensityMap:
         gain = est_gain if gain is None else gain
         offset = est_offset if offset is None else offset
         log.info("estimated intensity → counts mapping from flat regions: gain %.4g, offset %.4g", gain, offset)
-    return IntensityMap(float(gain), float(offset))
+    return IntensityMap(float(gain), float(offset), counts=True)
 
 
 def output_pixel_size(config: Config) -> tuple[float, ...] | None:
@@ -220,7 +222,7 @@ class Run:
 
     def _to_model_units(self, values: np.ndarray) -> np.ndarray:
         """Intensities → the model's units (counts for GPMM; unchanged for SSSC)."""
-        if self.intensity == IntensityMap():
+        if not self.intensity.counts:
             return values
         counts, clipped = to_counts(values, self.intensity.gain, self.intensity.offset)
         if clipped:
@@ -229,7 +231,7 @@ class Run:
         return counts
 
     def _to_intensity(self, mean: np.ndarray, variance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self.intensity == IntensityMap():
+        if not self.intensity.counts:
             return mean, variance
         return from_counts_mean_variance(mean, variance, self.intensity.gain, self.intensity.offset)
 
@@ -250,6 +252,8 @@ class Run:
             "sum": sum((s.sum for s in local), np.zeros(self.grid.dim)),
             "sum_sq": sum((s.sum_sq for s in local), np.zeros(self.grid.dim))})
         summary = PatchSummary(int(stats["n"]), stats["sum"], stats["sum_sq"])
+        self._check_dynamic_range(summary, max((float(np.abs(b.Y).max()) for b in self.blocks if b.Y.size),
+                                               default=0.0))
         seed = self.config.training.seed
         pick = block_rng(seed, STAGE_SAMPLE, 0, 0).choice(self.n_patches, min(INIT_SAMPLE, self.n_patches), replace=False)
         sample = self._training_patches(np.sort(pick))
@@ -257,6 +261,23 @@ class Run:
         for b in self.blocks:
             b.state = self.model.init_block_state(b.Y, self.params,
                                                   PatchRandom(seed, STAGE_INIT, 0, b.ids + self.key_offset))
+
+    def _check_dynamic_range(self, summary: PatchSummary, local_peak: float) -> None:
+        """Degenerate inputs give a finite result, with a warning: constant (e.g. blank) training patches, or
+        intensities whose variance overflows float32 results (clipped there). InputError for intensities
+        whose squares overflow float64, where no finite result exists."""
+        peak = max(self.comm.allgather(local_peak))
+        where = self.config.input.path + ("" if self.config.input.section is None else
+                                          f" section {self.config.input.section}")
+        if not np.isfinite(summary.sum_sq).all():
+            raise InputError(f"{self.config.input.path}: intensities up to {peak:.3g} are too large to square in "
+                             "float64; rescale the image (e.g. to 0..65535)")
+        if not summary.variance.any():
+            log.warning("%s: the training patches are constant (every pixel %.6g): nothing to denoise, the mean "
+                        "image will equal the input and the variance image will be 0", where, summary.mean[0])
+        elif peak**2 > np.finfo(np.float32).max:
+            log.warning("%s: intensities reach %.3g; variances above 3.4e38 do not fit the float32 result and are "
+                        "clipped there (rescale the image for exact variances)", where, peak)
 
     def e_step(self, stage: int, epoch: int) -> dict[str, np.ndarray]:
         """One E-step over the local blocks; returns the globally summed statistics."""
@@ -375,7 +396,7 @@ class Run:
                 self.comm, self.source, [t for t in tiles if t.index not in written],
                 lambda Y, ids, z: self.estimate_patches(Y, ids + (z or 0) * per),
                 tuple(cfg.patches.size), cfg.patches.stride, writer.write if writer else None,
-                transform=None if self.intensity == IntensityMap() else self._to_model_units,
+                transform=self._to_model_units if self.intensity.counts else None,
                 finish=self._to_intensity, stop=self.stop)
             stopped = not done
             if writer is not None and done:

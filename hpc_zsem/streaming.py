@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 
+from hpc_zsem.io.results import as_float32
 from hpc_zsem.parallel import shard
 from hpc_zsem.tiles import Tile, merge_tile
 
@@ -45,7 +46,7 @@ def stream_tiles(comm, source, tiles: list[Tile], estimate: Callable[[np.ndarray
                                         transform=transform, with_index=True)
             if finish is not None:
                 mean, variance = finish(mean, variance)
-            result = (tile, mean.astype(np.float32), variance.astype(np.float32))
+            result = (tile, as_float32(mean), as_float32(variance))
         gathered = comm.gather((result, bool(stop)))
         halt = False
         if comm.rank == 0:

@@ -31,6 +31,15 @@ def em_crop(tmp_path_factory):
     return clean, path
 
 
+def write_old_result(path) -> bytes:
+    """A small but real earlier hpc_zsem result at ``path`` (what --overwrite may replace); its bytes."""
+    from hpc_zsem.io.results import write_result
+
+    image = np.arange(64.0).reshape(8, 8)
+    write_result(path, mean=image, variance=image, noisy=image, params={}, history={}, metadata={})
+    return Path(path).read_bytes()
+
+
 def cli_env(threads=1):
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),

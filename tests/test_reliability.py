@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import REPO, cli_env
+from conftest import REPO, cli_env, write_old_result
 from hpc_zsem.config import load_config
 from hpc_zsem.errors import OutputError
 from hpc_zsem.io import checkpoint as ckpt_io
@@ -58,7 +58,7 @@ def test_a_rank_killed_with_sigkill_ends_the_job_and_keeps_the_checkpoint(em_cro
 def test_full_disk_while_writing_the_result_keeps_the_old_result(em_crop, tmp_path, monkeypatch):
     _, noisy = em_crop
     out = tmp_path / "result.h5"
-    out.write_bytes(b"yesterday's result")
+    yesterday = write_old_result(out)
     config = load_config(REPO / "configs" / "demo.yaml", [f"input.path={noisy}", f"output.path={out}",
                                                           "training.epochs=2", *SMALL])
 
@@ -68,7 +68,7 @@ def test_full_disk_while_writing_the_result_keeps_the_old_result(em_crop, tmp_pa
     monkeypatch.setattr(results, "_image_dataset", disk_full)
     with pytest.raises(OutputError, match="No space left on device"):
         run(config, SerialComm(), overwrite=True)
-    assert out.read_bytes() == b"yesterday's result"
+    assert out.read_bytes() == yesterday
     assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
 
 

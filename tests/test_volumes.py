@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import write_old_result
 from hpc_zsem.errors import OutputError
 from hpc_zsem.io.results import read_result
 from hpc_zsem.io.volumes import VolumeWriter
@@ -71,12 +72,12 @@ def test_incomplete_or_failed_write_leaves_no_file(tmp_path):
     assert not path.exists() and not list(tmp_path.iterdir())
 
     # an exception inside the with-block (e.g. a rank failed) discards everything, keeps an old output
-    path.write_bytes(b"old result")
+    old = write_old_result(path)
     with pytest.raises(RuntimeError, match="boom"):
         with VolumeWriter(path, (100, 100), overwrite=True) as w:
             w.write(t, np.zeros((50, 50)), np.zeros((50, 50)))
             raise RuntimeError("boom")
-    assert path.read_bytes() == b"old result"
+    assert path.read_bytes() == old
     assert sorted(os.listdir(tmp_path)) == ["out.h5"]
 
     # a bad core shape aborts the writer

@@ -22,8 +22,9 @@ end of its data.
 The log-joints of the truncated sets are not stored: the next E-step recomputes them from (Θ, K) before
 anything uses them, so they carry no information for a resume.
 
-Writing (rank 0): the new checkpoint is written completely as ``X.new`` (temporary file, fsync, rename:
-:func:`hpc_zsem.io.results.atomic_h5_write`); then the current ``X`` is hard-linked (where links are
+Writing (rank 0): the new checkpoint is built in memory (:func:`hpc_zsem.io.results.hdf5_image`, so a full
+disk is a plain OSError, never an HDF5 crash) and written completely as ``X.new`` (temporary file, fsync,
+rename: :func:`hpc_zsem.io.results.write_atomically`); then the current ``X`` is hard-linked (where links are
 unsupported: copied) to ``previous_path(X)`` and ``X.new`` is renamed over ``X``. A crash or ``kill -9`` at
 any moment leaves ``X`` complete (old or new) and, except between the last two renames, the one before it as
 ``.prev``. Loading tries ``X`` and falls back to ``.prev`` when ``X`` is missing, unreadable or fails its
@@ -51,7 +52,8 @@ import numpy as np
 import yaml
 
 from hpc_zsem.errors import ConfigError, InputError
-from hpc_zsem.io.results import _fsync, _plain, atomic_h5_write
+from hpc_zsem.io.paths import is_hdf5_file, refuse_foreign, root_attribute
+from hpc_zsem.io.results import _fsync, _plain, hdf5_image, write_atomically
 
 log = logging.getLogger("hpc_zsem")
 
@@ -110,7 +112,9 @@ def checkpoint_path(config) -> Path:
 
 
 def check_checkpoint_path(config) -> None:
-    """Refuse (OutputError) a checkpoint path whose directory is missing or not writable, before any work."""
+    """Refuse (OutputError), before any work, a checkpoint path whose directory is missing or not writable, or
+    where the checkpoint or its previous one would replace a file that is not this tool's checkpoint (neither
+    resuming nor --restart may read over or replace it)."""
     from hpc_zsem.errors import OutputError
 
     path = checkpoint_path(config)
@@ -121,6 +125,9 @@ def check_checkpoint_path(config) -> None:
         raise OutputError(f"{path}: checkpoint directory '{path.parent}' is not writable (checkpoint.path)")
     if path.is_dir():
         raise OutputError(f"{path}: is a directory; expected a file name (checkpoint.path)")
+    key = "checkpoint.path" if config.checkpoint.path else "output.path, whose checkpoint it would be"
+    for p in (path, previous_path(path)):
+        refuse_foreign(p, is_own_checkpoint(p), key, "an hpc_zsem checkpoint")
 
 
 def previous_path(path: str | os.PathLike) -> Path:
@@ -132,25 +139,38 @@ def previous_path(path: str | os.PathLike) -> Path:
 
 
 def _leftovers(path: Path) -> list[Path]:
-    """Temporary files that writers killed mid-write may leave next to ``path``."""
-    new = _staging_path(path)
-    return [new, *path.parent.glob(new.name + ".tmp-*"), *path.parent.glob(path.name + ".tmp-*"),
-            *path.parent.glob(previous_path(path).name + ".tmp-*")]
+    """Temporary files that writers killed mid-write may leave next to ``path`` (``.new`` and ``.tmp-<pid>``)."""
+    new = staging_path(path)
+    temporary = [p for name in (new.name, path.name, previous_path(path).name)
+                 for p in path.parent.glob(name + ".tmp-*") if p.name.rpartition(".tmp-")[2].isdigit()]
+    return [new, *temporary]
 
 
-def _staging_path(path: Path) -> Path:
+def staging_path(path: Path) -> Path:
+    """Where a new checkpoint is written completely before it replaces the current one: x.ckpt.h5.new."""
     return path.with_name(path.name + ".new")
 
 
 def remove(path: str | os.PathLike) -> list[Path]:
-    """Delete a checkpoint, its previous one and stale temporary files; returns what was removed."""
+    """Delete a checkpoint, its previous one and stale temporary files, each only if it is this tool's own
+    (:func:`is_own_checkpoint`; temporary files by their names); returns what was removed."""
     path = Path(path)
+    own = [p for p in (path, previous_path(path)) if is_own_checkpoint(p)]
     gone = []
-    for p in (path, previous_path(path), *_leftovers(path)):
+    for p in own + _leftovers(path):
         if p.exists():
             p.unlink()
             gone.append(p)
     return gone
+
+
+def is_own_checkpoint(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a checkpoint of this tool: it ends in a checkpoint trailer, or it is an HDF5 file
+    that says so in its ``format`` attribute or that HDF5 cannot open (a checkpoint cut short by a crash).
+    A readable HDF5 file of anything else, or a non-HDF5 file, is not."""
+    if is_checkpoint(path):
+        return True
+    return is_hdf5_file(path) and root_attribute(path, "format") in (None, FORMAT)
 
 
 # ----------------------------------------------------------------------------------------------- checksum
@@ -167,16 +187,9 @@ def _sha256(fh, length: int) -> str:
     return digest.hexdigest()
 
 
-def _append_trailer(path: Path) -> None:
-    """Append the sha256 trailer to a complete HDF5 file and flush it to disk."""
-    with open(path, "r+b") as fh:
-        size = fh.seek(0, os.SEEK_END)
-        fh.seek(0)
-        hexdigest = _sha256(fh, size)
-        fh.seek(size)
-        fh.write(_TRAILER_HEAD + hexdigest.encode() + b"\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+def _trailer_bytes(data: bytes | memoryview) -> bytes:
+    """The checksum trailer of a complete HDF5 image: the sha256 of every byte before it."""
+    return _TRAILER_HEAD + hashlib.sha256(data).hexdigest().encode() + b"\n"
 
 
 def _trailer(path: Path) -> tuple[int, str] | None:
@@ -273,9 +286,9 @@ def write_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> int:
         f.flush()
         _test_sleep(ckpt.epoch)
 
-    staging = _staging_path(path)
-    atomic_h5_write(staging, writer)
-    _append_trailer(staging)
+    staging = staging_path(path)
+    image = hdf5_image(writer)
+    write_atomically(staging, image, _trailer_bytes(image))
     _keep_previous(path)
     os.replace(staging, path)
     _fsync(path.parent)

@@ -21,6 +21,7 @@ from hpc_zsem.errors import InputError
 DEMO_NOISY = "builtin:demo"
 BUILTIN_IMAGES = {"builtin:demo": "demo_noisy.tif", "builtin:demo_poisson": "demo_poisson.tif"}
 _DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+H5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5", ".nxs")
 _CHUNK = 1 << 20
 # What tifffile and the codecs raise on unreadable, corrupt or truncated files.
 _READ_ERRORS = (tifffile.TiffFileError, OSError, ValueError, struct.error, zlib.error, EOFError,
@@ -33,6 +34,27 @@ def resolve_input_path(path: str | os.PathLike) -> Path:
     if os.fspath(path) in BUILTIN_IMAGES:
         return _DATA_DIR / BUILTIN_IMAGES[os.fspath(path)]
     return Path(path)
+
+
+def split_h5_path(path: str) -> tuple[Path, str | None] | None:
+    """``file.h5:/dataset`` → (Path('file.h5'), '/dataset'); ``file.h5`` → (Path, None); None if not HDF5."""
+    text = os.fspath(path)
+    lower = text.lower()
+    for suffix in H5_SUFFIXES:
+        at = lower.rfind(suffix + ":")
+        if at > 0:
+            end = at + len(suffix)
+            return Path(text[:end]), text[end + 1:] or None
+        if lower.endswith(suffix):
+            return Path(text), None
+    return None
+
+
+def input_file(path: str | os.PathLike) -> Path:
+    """The file on disk behind an input path: the packaged image for ``builtin:…``, ``file.h5`` for
+    ``file.h5:/dataset``, the path itself otherwise (unresolved)."""
+    h5 = split_h5_path(os.fspath(path))
+    return h5[0] if h5 is not None else resolve_input_path(path)
 
 
 @dataclass(frozen=True)
@@ -159,9 +181,10 @@ def read_image(path: str | os.PathLike, *, section: int | None = None,
 
 
 def file_checksum(path: str | os.PathLike) -> str:
-    """``"sha256:<hex>"`` of a file's bytes, read in 1 MiB chunks."""
+    """``"sha256:<hex>"`` of the bytes of the file behind an input path (:func:`input_file`), read in 1 MiB
+    chunks."""
     digest = hashlib.sha256()
-    with open(resolve_input_path(path), "rb") as fh:
+    with open(input_file(path), "rb") as fh:
         for chunk in iter(lambda: fh.read(_CHUNK), b""):
             digest.update(chunk)
     return "sha256:" + digest.hexdigest()

@@ -33,9 +33,8 @@ import tifffile
 
 from hpc_zsem.errors import InputError
 from hpc_zsem.io.images import (_READ_ERRORS, _check_dtype, _check_finite, _layout, _open_checked,
-                                resolve_input_path)
+                                resolve_input_path, split_h5_path)
 
-H5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5", ".nxs")
 _CACHE_BYTES = 32 << 20   # decoded TIFF segments kept per source (LRU) for reads that touch the same tiles
 
 
@@ -341,20 +340,6 @@ def _h5_element_size(ds) -> tuple[float, ...] | None:
         return tuple(float(v) for v in np.ravel(value))
     except (TypeError, ValueError):
         return None
-
-
-def split_h5_path(path: str) -> tuple[Path, str | None] | None:
-    """``file.h5:/dataset`` → (Path('file.h5'), '/dataset'); ``file.h5`` → (Path, None); None if not HDF5."""
-    text = os.fspath(path)
-    lower = text.lower()
-    for suffix in H5_SUFFIXES:
-        at = lower.rfind(suffix + ":")
-        if at > 0:
-            end = at + len(suffix)
-            return Path(text[:end]), text[end + 1:] or None
-        if lower.endswith(suffix):
-            return Path(text), None
-    return None
 
 
 def open_source(path: str | os.PathLike, section: int | None = None, *,

@@ -9,6 +9,7 @@ Layout::
 """
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -18,6 +19,7 @@ import h5py
 import numpy as np
 
 from hpc_zsem.errors import InputError, OutputError
+from hpc_zsem.io.paths import is_hpc_zsem_file, refuse_foreign
 
 FORMAT = "hpc_zsem-result"
 FORMAT_VERSION = 1
@@ -28,8 +30,8 @@ _CHUNK = 256
 
 
 def check_output_path(path: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse (OutputError) an output whose directory is missing or not writable, or that exists
-    without ``overwrite``."""
+    """Refuse (OutputError) an output whose directory is missing or not writable, that exists without
+    ``overwrite``, or that exists and is not an hpc_zsem result (never replaced, even with ``overwrite``)."""
     path = Path(path)
     parent = path.parent
     if not parent.is_dir():
@@ -40,6 +42,7 @@ def check_output_path(path: str | os.PathLike, overwrite: bool) -> None:
         raise OutputError(f"{path}: is a directory; expected a file name")
     if path.exists() and not overwrite:
         raise OutputError(f"{path}: exists; pass --overwrite to replace it")
+    refuse_foreign(path, is_hpc_zsem_file(path, FORMAT), "output.path", "an hpc_zsem result")
 
 
 def _fsync(path: Path) -> None:
@@ -51,19 +54,34 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_h5_write(path: str | os.PathLike, writer: Callable[[h5py.File], None]) -> None:
-    """Create ``path`` as an HDF5 file filled by ``writer``, atomically.
+def hdf5_image(writer: Callable[[h5py.File], None]) -> memoryview:
+    """The bytes of an HDF5 file filled by ``writer``, built in memory.
 
-    The file is written as ``<name>.tmp-<pid>`` in the same directory, fsynced, then renamed over ``path``;
-    if anything fails the temporary file is removed and an existing ``path`` is left untouched.
+    HDF5 itself never writes to disk: libhdf5 handles a write error (ENOSPC, EIO) badly — measured: h5py
+    segfaults while closing a file after "No space left on device" — while a failing ``os.write`` of the
+    finished image is a plain OSError.
+    """
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        writer(f)
+    return buffer.getbuffer()
+
+
+def write_atomically(path: str | os.PathLike, *parts: bytes | memoryview) -> None:
+    """Create ``path`` with the concatenated ``parts``, atomically.
+
+    The bytes go to ``<name>.tmp-<pid>`` in the same directory, are fsynced, then renamed over ``path``; if
+    anything fails (a full disk, an I/O error, a signal) the temporary file is removed and an existing
+    ``path`` is left untouched.
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        with h5py.File(tmp, "w") as f:
-            writer(f)
-            f.flush()
-        _fsync(tmp)
+        with open(tmp, "wb") as fh:
+            for part in parts:
+                fh.write(part)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -71,9 +89,22 @@ def atomic_h5_write(path: str | os.PathLike, writer: Callable[[h5py.File], None]
     _fsync(path.parent)
 
 
+def atomic_h5_write(path: str | os.PathLike, writer: Callable[[h5py.File], None]) -> None:
+    """Create ``path`` as an HDF5 file filled by ``writer``, atomically (:func:`hdf5_image`, then
+    :func:`write_atomically`)."""
+    write_atomically(path, hdf5_image(writer))
+
+
+def as_float32(values: np.ndarray) -> np.ndarray:
+    """Result pixels as float32, clipped to its finite range: the variance of intensities beyond ~1.8e19
+    would otherwise overflow to inf (the pipeline warns when the input can reach that)."""
+    limit = np.finfo(np.float32).max
+    return np.clip(np.asarray(values, dtype=np.float64), -limit, limit).astype(np.float32)
+
+
 def _image_dataset(f: h5py.File, name: str, image: np.ndarray) -> None:
     """A chunked, compressed float32 (Y, X) or (Z, Y, X) dataset (chunks of one section × 256 × 256)."""
-    image = np.asarray(image, dtype=np.float32)
+    image = as_float32(image)
     if image.ndim not in (2, 3):
         raise ValueError(f"{name}: expected a (Y, X) image or a (Z, Y, X) volume, got shape {image.shape}")
     chunks = (1,) * (image.ndim - 2) + tuple(max(1, min(_CHUNK, n)) for n in image.shape[-2:])

@@ -25,6 +25,7 @@ hit whole chunks, so each chunk is compressed once.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,13 @@ from typing import Any
 import h5py
 import numpy as np
 
-from hpc_zsem.io.results import (_fsync, _history_arrays, _write_metadata, check_output_path)
+from hpc_zsem.errors import OutputError
+from hpc_zsem.io.paths import is_hdf5_file, refuse_foreign, root_attribute
+from hpc_zsem.io.results import _fsync, _history_arrays, _write_metadata, as_float32, check_output_path
 
 CHUNK = 256
 _CHUNK_CACHE = 64 << 20   # bytes of HDF5 chunk cache per dataset
+_METADATA_SLACK = 4 << 20  # bytes HDF5 may add for metadata, params and history when a file is closed
 
 
 def _chunks(shape: tuple[int, ...], chunks: tuple[int, int]) -> tuple[int, ...]:
@@ -71,6 +75,7 @@ class VolumeWriter:
             self._file = self._reopen()
             if self._file is not None:
                 return
+        self._ensure_space(0)
         self._file = h5py.File(self.tmp, "w", rdcc_nbytes=_CHUNK_CACHE)
         try:
             for name in self.names:
@@ -94,9 +99,12 @@ class VolumeWriter:
     # ---------------------------------------------------------------- resumable passes
     def _reopen(self) -> h5py.File | None:
         """The partial file of an earlier, cleanly suspended pass with the same key and shape, or None (any
-        other partial file is removed)."""
+        other partial file of this tool is removed; a foreign file of that name is refused)."""
         if not self.tmp.exists():
             return None
+        # ours: an HDF5 file with a resume key, or one that does not open (a writer killed mid-write)
+        refuse_foreign(self.tmp, is_hdf5_file(self.tmp) and root_attribute(self.tmp, "resume_key") != "",
+                       "output.path", "a partial hpc_zsem result")
         try:
             f = h5py.File(self.tmp, "r+", rdcc_nbytes=_CHUNK_CACHE)
         except OSError:
@@ -126,6 +134,20 @@ class VolumeWriter:
         self._file.attrs["clean"] = 0
         self._file.flush()
 
+    def _ensure_space(self, pending_bytes: int) -> None:
+        """Refuse (OutputError) to go on when the file system may not hold what HDF5 writes next.
+
+        libhdf5 cannot recover from a failed write (measured: h5py segfaults on close after ENOSPC), so the
+        writer stops *before* that can happen: it needs room for ``pending_bytes`` of new data, everything the
+        chunk caches may still hold (at most the uncompressed volume) and the metadata written on close.
+        """
+        cached = min(len(self.names) * _CHUNK_CACHE, len(self.names) * 4 * int(np.prod(self.shape)))
+        needed = pending_bytes + cached + _METADATA_SLACK
+        free = shutil.disk_usage(self.tmp.parent).free
+        if free < needed:
+            raise OutputError(f"{self.path}: not enough disk space to go on writing the result ({free / 2**20:.1f} "
+                              f"MiB free, up to {needed / 2**20:.1f} MiB needed); nothing was replaced")
+
     @property
     def written(self) -> set[tuple]:
         """Keys (z, y0, y1, x0, x1) of the tiles already in the file (z is None for 2-D volumes)."""
@@ -138,6 +160,7 @@ class VolumeWriter:
             self.abort()
             return
         try:
+            self._ensure_space(0)
             rows = np.array([[-1 if v is None else v for v in key] for key in sorted(self._written, key=str)],
                             dtype=np.int64).reshape(-1, 5)
             self._file.create_dataset("written_tiles", data=rows)
@@ -171,8 +194,9 @@ class VolumeWriter:
             raise ValueError(f"expected arrays {self.names}, got {tuple(arrays)}")
         index = (slice(y0, y1), slice(x0, x1)) if z is None else (int(z), slice(y0, y1), slice(x0, x1))
         try:
+            self._ensure_space(len(arrays) * 4 * (y1 - y0) * (x1 - x0))
             for name, value in arrays.items():
-                value = np.asarray(value, dtype=np.float32)
+                value = as_float32(value)
                 if value.shape != (y1 - y0, x1 - x0):
                     raise ValueError(f"{name}: core of shape {value.shape}, expected {(y1 - y0, x1 - x0)}")
                 self._file[name][index] = value
@@ -208,6 +232,7 @@ class VolumeWriter:
             total = int(np.prod(self.shape))
             if self._pixels != total:
                 raise ValueError(f"{self.path}: only {self._pixels} of {total} pixels were written")
+            self._ensure_space(0)
             f = self._file
             for key in ("clean", "resume_key"):
                 if key in f.attrs:
