@@ -10,7 +10,9 @@
   linearly per channel — visually indistinguishable from the originals, without a matplotlib dependency.
 * Two-tone colouring (the paper's Fig. 1): brightness from the contrast-enhanced variance image, hue from a
   mask — masked pixels in one colour (cells: blue), the others in another (yellow).
-* Panels (the paper's Fig. 2): images side by side, each under a title strip.
+* Panels (the paper's Fig. 2): images side by side, each under a title strip; a title wider than its image
+  is set in a smaller font (down to 7 px where Pillow has FreeType), then abbreviated, so titles never
+  reach into the neighbouring column.
 """
 from __future__ import annotations
 
@@ -154,25 +156,60 @@ def _as_rgb(img: np.ndarray) -> np.ndarray:
     return img if img.ndim == 3 else np.repeat(img[..., None], 3, axis=2)
 
 
+MIN_TITLE_SIZE = 7
+
+
+@lru_cache(maxsize=None)
+def _title_fonts() -> tuple[ImageFont.ImageFont | ImageFont.FreeTypeFont, ...]:
+    """Pillow's default font, followed by smaller sizes of it down to :data:`MIN_TITLE_SIZE` where FreeType is
+    available (Pillow >= 10.1); only the default font otherwise."""
+    default = ImageFont.load_default()
+    size = getattr(default, "size", None)
+    if size is None:
+        return (default,)
+    return (default,) + tuple(ImageFont.load_default(size=s) for s in range(int(size) - 1, MIN_TITLE_SIZE - 1, -1))
+
+
+def _abbreviations(title: str) -> list[str]:
+    """``title``, then shorter forms: leading words ("mean (denoised)" → "mean"), then leading letters of the
+    first word with a dot ("variance" → "varian.", …, "v."), then the empty string."""
+    words = title.split()
+    shorter = [" ".join(words[:k]) for k in range(len(words) - 1, 0, -1)]
+    first = words[0] if words else ""
+    return [title, *shorter, *(first[:k] + "." for k in range(len(first) - 1, 0, -1)), ""]
+
+
+def fit_title(title: str, width: int) -> tuple[str, ImageFont.ImageFont | ImageFont.FreeTypeFont]:
+    """The longest form of ``title`` (see :func:`_abbreviations`) in the largest title font whose drawn text is
+    at most ``width`` pixels wide: whole titles in a smaller font are preferred over abbreviations."""
+    fonts = _title_fonts()
+    for text in _abbreviations(title):
+        for font in fonts:
+            if font.getbbox(text)[2] <= width:
+                return text, font
+    return "", fonts[-1]
+
+
 def panel(images: Sequence[tuple[str, np.ndarray]], pad: int = 8, background: Sequence[int] = (255, 255, 255),
           text: Sequence[int] = (0, 0, 0)) -> np.ndarray:
     """Images side by side, top-aligned, each under its title (Pillow's default font): (H, W, 3) uint8.
 
     ``images`` is a list of (title, uint8 image 2-D or RGB). ``pad`` pixels of background separate the images
-    and surround the panel, so W = Σ widths + (n + 1)·pad and H = pad + title strip + max height + pad.
+    and surround the panel, so W = Σ widths + (n + 1)·pad and H = pad + title strip + max height + pad. Each
+    title is fitted into the width of its image (:func:`fit_title`), so titles never overlap.
     """
     if not images:
         raise ValueError("panel needs at least one image")
     tiles = [_as_rgb(img) for _, img in images]
-    font = ImageFont.load_default()
-    title_height = font.getbbox("Ag")[3] + pad
+    title_height = _title_fonts()[0].getbbox("Ag")[3] + pad
     width = sum(tile.shape[1] for tile in tiles) + pad * (len(tiles) + 1)
     height = 2 * pad + title_height + max(tile.shape[0] for tile in tiles)
     canvas = Image.new("RGB", (width, height), tuple(background))
     draw = ImageDraw.Draw(canvas)
     x = pad
     for (title, _), tile in zip(images, tiles):
-        draw.text((x, pad), title, fill=tuple(text), font=font)
+        label, font = fit_title(title, tile.shape[1])
+        draw.text((x, pad), label, fill=tuple(text), font=font)
         canvas.paste(Image.fromarray(tile), (x, pad + title_height))
         x += tile.shape[1] + pad
     return np.asarray(canvas)

@@ -132,3 +132,43 @@ def test_panel_rejects_bad_input():
         enhance.panel([])
     with pytest.raises(ValueError, match="uint8"):
         enhance.panel([("float", np.zeros((4, 4)))])
+
+
+@pytest.mark.parametrize("width", [0, 3, 10, 24, 40, 64, 200])
+def test_fit_title_fits_the_width(width):
+    for title in ("noisy input", "mean (denoised)", "variance"):
+        text, font = enhance.fit_title(title, width)
+        assert font.getbbox(text)[2] <= width
+        assert title.startswith(text.rstrip("."))
+    assert enhance.fit_title("mean (denoised)", 200)[0] == "mean (denoised)"
+
+
+def test_fit_title_drops_words_before_letters():
+    assert enhance.fit_title("mean (denoised)", 30)[0] == "mean"
+    assert enhance.fit_title("x", 0)[0] == ""
+
+
+def test_fit_title_without_freetype_abbreviates_in_the_bitmap_font(monkeypatch):
+    bitmap = getattr(enhance.ImageFont, "load_default_imagefont", enhance.ImageFont.load_default)  # Pillow < 10.1
+    monkeypatch.setattr(enhance.ImageFont, "load_default", bitmap)
+    enhance._title_fonts.cache_clear()
+    try:
+        assert len(enhance._title_fonts()) == 1
+        text, font = enhance.fit_title("mean (denoised)", 64)
+        assert text == "mean" and font.getbbox(text)[2] <= 64
+    finally:
+        enhance._title_fonts.cache_clear()
+
+
+def test_panel_titles_stay_above_their_own_images():
+    widths = [64, 24, 10, 40]
+    titles = ["noisy input", "mean (denoised)", "variance", "a rather long title"]
+    images = [(title, np.zeros((20, w), np.uint8)) for title, w in zip(titles, widths)]
+    out = enhance.panel(images, pad=8)
+    strip = out[:out.shape[0] - 8 - 20]
+    ink = np.flatnonzero((strip != 255).any(axis=(0, 2)))
+    starts = 8 + np.concatenate([[0], np.cumsum(np.asarray(widths[:-1]) + 8)])
+    inside = np.zeros(out.shape[1], bool)
+    for start, w in zip(starts, widths):
+        inside[start:start + w] = True
+    assert len(ink) and inside[ink].all()

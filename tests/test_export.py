@@ -1,5 +1,9 @@
-"""Tests of the ``export`` subcommand: files written, their values, naming, refusals."""
+"""Tests of the ``export`` subcommand: files written, their values, naming, refusals, failures."""
 import argparse
+import errno
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import h5py
@@ -8,8 +12,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from hpc_zsem import enhance, export
+from hpc_zsem import cli, enhance, export
 from hpc_zsem.errors import ConfigError, InputError, OutputError
+from hpc_zsem.io import results
 
 
 def write_result(path: Path, shape=(24, 32), with_input=True, seed=0) -> dict[str, np.ndarray]:
@@ -183,3 +188,197 @@ def test_low_must_be_below_high(tmp_path):
     write_result(tmp_path / "r.h5")
     with pytest.raises(ConfigError, match="--low"):
         run_export(tmp_path / "r.h5", "--low", 60, "--high", 40)
+
+
+def cli_export(capsys, *argv) -> tuple[int, str]:
+    """Run ``hpc-zsem export ARGV`` through the CLI entry point: (exit code, stderr)."""
+    code = cli.main(["export", *map(str, argv)])
+    return code, capsys.readouterr().err
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file in ``directory`` by name, with its contents."""
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--threshold", "nan", "a finite number"), ("--threshold", "inf", "a finite number"),
+    ("--threshold", "-inf", "a finite number"), ("--low", "nan", "a finite number"),
+    ("--high", "inf", "a finite number"), ("--gamma", "inf", "a finite number"),
+    ("--gamma", "nan", "a finite number"), ("--gamma", "0", "a positive number"),
+    ("--low", "-1", "a percentile in [0, 100]"), ("--high", "100.5", "a percentile in [0, 100]")])
+def test_non_finite_or_out_of_range_numbers_are_refused_in_one_line(tmp_path, capsys, option, value, expected):
+    write_result(tmp_path / "r.h5")
+    code, err = cli_export(capsys, tmp_path / "r.h5", f"{option}={value}", "--panel")
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith(f"hpc-zsem: error: {option} ") and expected in err
+    assert not (tmp_path / "r_export").exists()
+
+
+def write_real_result(path: Path, shape=(24, 32), seed=0) -> dict[str, np.ndarray]:
+    """A result file written by hpc_zsem.io.results (chunked, gzip + shuffle); returns its images."""
+    rng = np.random.default_rng(seed)
+    images = {"mean": rng.normal(10, 3, shape).astype(np.float32),
+              "variance": rng.gamma(2.0, 0.5, shape).astype(np.float32)}
+    images["input"] = images["mean"] + rng.normal(0, 1, shape).astype(np.float32)
+    results.write_result(path, mean=images["mean"], variance=images["variance"], noisy=images["input"],
+                         params={"W": np.zeros((4, 3))}, history={"epoch": [1.0]}, metadata={"model": "sssc"},
+                         overwrite=True)
+    return images
+
+
+def corrupt_chunk(path: Path, dataset: str, index: int = 0) -> None:
+    """Overwrite the stored bytes of chunk ``index`` of ``dataset`` (so it no longer decompresses)."""
+    with h5py.File(path, "r") as f:
+        info = f[dataset].id.get_chunk_info(index)
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset)
+        fh.write(b"\xff" * info.size)
+
+
+def test_corrupt_chunk_is_a_one_line_error_naming_file_and_dataset(tmp_path, capsys):
+    write_real_result(tmp_path / "r.h5")
+    corrupt_chunk(tmp_path / "r.h5", "variance")
+    with pytest.raises(InputError, match=r"r\.h5: dataset /variance cannot be read .*corrupt"):
+        run_export(tmp_path / "r.h5")
+    code, err = cli_export(capsys, tmp_path / "r.h5", "--panel")
+    assert code == 2 and err.count("\n") == 1 and "r.h5: dataset /variance" in err
+    assert not (tmp_path / "r_export").exists()
+
+
+def test_corrupt_chunk_of_a_volume_fails_only_the_sections_that_need_it(tmp_path, capsys):
+    write_real_result(tmp_path / "v.h5", shape=(4, 12, 16))
+    corrupt_chunk(tmp_path / "v.h5", "mean", index=2)   # one chunk per section: section 2
+    assert run_export(tmp_path / "v.h5", "--sections", "0,3") == 0
+    before = snapshot(tmp_path / "v_export")
+    code, err = cli_export(capsys, tmp_path / "v.h5", "--overwrite")
+    assert code == 2 and err.count("\n") == 1 and "v.h5: dataset /mean cannot be read" in err
+    assert snapshot(tmp_path / "v_export") == before
+
+
+def fail_on_call(original, n: int, exc: BaseException):
+    """A stand-in for a writer ``original(target, ...)``: calls 1..n-1 pass through, call n writes a few bytes
+    to its target (if it is a path or an open file) and raises ``exc``."""
+    calls = []
+
+    def writer(*args, **kwargs):
+        calls.append(1)
+        if len(calls) < n:
+            return original(*args, **kwargs)
+        target = next((a for a in args if hasattr(a, "write") or isinstance(a, (str, os.PathLike))), None)
+        if hasattr(target, "write"):
+            target.write(b"partial")
+        elif target is not None:
+            Path(target).write_bytes(b"partial")
+        raise exc
+    return writer
+
+
+def enospc() -> OSError:
+    """The error of a write to a full disk."""
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def wrapped_eio() -> RuntimeError:
+    """A non-OSError a writer library might raise for a failed write, caused by an EIO."""
+    try:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    except OSError as cause:
+        try:
+            raise RuntimeError("write failed") from cause
+        except RuntimeError as exc:
+            return exc
+
+
+FAILURES = {   # where a write fails → (object, attribute, call that fails, exception, text in the message)
+    "tiff ENOSPC": (tifffile, "imwrite", 2, enospc, "No space left on device"),
+    "png ENOSPC": (Image.Image, "save", 3, enospc, "No space left on device"),
+    "panel EIO wrapped": (Image.Image, "save", 4, wrapped_eio, "Input/output error"),
+    "fsync ENOSPC": (os, "fsync", 4, enospc, "No space left on device"),
+}
+
+
+@pytest.mark.parametrize("failure", FAILURES)
+def test_failed_write_keeps_earlier_export_and_leaves_no_partial_file(tmp_path, capsys, monkeypatch, failure):
+    owner, name, n, make_exc, message = FAILURES[failure]
+    write_result(tmp_path / "r.h5", seed=0)
+    assert run_export(tmp_path / "r.h5", "--panel", "--threshold", 10) == 0
+    before = snapshot(tmp_path / "r_export")
+    write_result(tmp_path / "r.h5", seed=1)
+    monkeypatch.setattr(owner, name, fail_on_call(getattr(owner, name), n, make_exc()))
+    code, err = cli_export(capsys, tmp_path / "r.h5", "--panel", "--threshold", 10, "--overwrite")
+    assert snapshot(tmp_path / "r_export") == before   # no temporary file left, every earlier file as it was
+    assert code == 2 and err.count("\n") == 1
+    assert str(tmp_path / "r_export" / "r_") in err and message in err and "no export file was written" in err
+
+
+def test_failed_first_export_leaves_nothing(tmp_path, capsys, monkeypatch):
+    write_result(tmp_path / "r.h5")
+    monkeypatch.setattr(Image.Image, "save", fail_on_call(Image.Image.save, 2, enospc()))
+    code, err = cli_export(capsys, tmp_path / "r.h5", "--out", tmp_path / "new")
+    assert code == 2 and "No space left on device" in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_other_writer_exceptions_are_crashes_that_still_clean_up(tmp_path, monkeypatch):
+    write_result(tmp_path / "r.h5", seed=0)
+    run_export(tmp_path / "r.h5")
+    before = snapshot(tmp_path / "r_export")
+    monkeypatch.setattr(tifffile, "imwrite", fail_on_call(tifffile.imwrite, 2, ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):
+        run_export(tmp_path / "r.h5", "--overwrite")
+    assert snapshot(tmp_path / "r_export") == before
+
+
+def test_failed_rename_leaves_whole_files_only(tmp_path, capsys, monkeypatch):
+    write_result(tmp_path / "r.h5", seed=0)
+    run_export(tmp_path / "r.h5", "--format", "png")
+    before = snapshot(tmp_path / "r_export")
+    write_result(tmp_path / "r.h5", seed=1)
+    monkeypatch.setattr(os, "replace", fail_on_call(os.replace, 2, OSError(errno.EIO, "Input/output error")))
+    code, err = cli_export(capsys, tmp_path / "r.h5", "--format", "png", "--overwrite")
+    assert code == 2 and err.count("\n") == 1 and "1 of 2 export files were replaced" in err
+    after = snapshot(tmp_path / "r_export")
+    assert sorted(after) == sorted(before) and after["r_variance.png"] == before["r_variance.png"]
+    assert after["r_mean.png"] != before["r_mean.png"] and read_png(tmp_path / "r_export" / "r_mean.png").size
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 2 MiB tmpfs mounted on ``tmp_path/disk`` (skips unless mounting works, i.e. as root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_full_real_disk(tmp_path, capsys, tiny_disk):
+    write_real_result(tmp_path / "r.h5", shape=(64, 64))
+    assert run_export(tmp_path / "r.h5", "--out", tiny_disk, "--panel") == 0
+    before = snapshot(tiny_disk)
+    write_real_result(tmp_path / "r.h5", shape=(600, 600), seed=1)   # 2 × 1.4 MB float32 TIFFs: does not fit
+    code, err = cli_export(capsys, tmp_path / "r.h5", "--out", tiny_disk, "--panel", "--overwrite")
+    assert snapshot(tiny_disk) == before
+    assert code == 2 and err.count("\n") == 1 and str(tiny_disk) in err and "MB free" in err
+
+
+def ink_columns(panel: np.ndarray, image_height: int, pad: int = 8) -> np.ndarray:
+    """The x coordinates of the non-background pixels of a panel's title strip (above the images)."""
+    top = panel.shape[0] - pad - image_height
+    return np.flatnonzero((panel[:top] != 255).any(axis=(0, 2)))
+
+
+def test_panel_titles_of_64_pixel_images_stay_in_their_columns(tmp_path):
+    write_result(tmp_path / "r.h5", shape=(64, 64))
+    run_export(tmp_path / "r.h5", "--format", "png", "--panel")
+    ink = ink_columns(read_png(tmp_path / "r_export" / "r_panel.png"), 64)
+    columns = [(8 + k * 72, 8 + k * 72 + 64) for k in range(3)]   # x ranges of noisy | mean | variance
+    boxes = [ink[(ink >= start) & (ink < end)] for start, end in columns]
+    assert sum(map(len, boxes)) == len(ink)   # no title ink in the gaps between the columns
+    assert all(len(box) for box in boxes)     # every title drawn
+    assert all(a.max() < b.min() for a, b in zip(boxes, boxes[1:]))   # the title boxes do not overlap
