@@ -275,7 +275,7 @@ class Run:
         if not summary.variance.any():
             log.warning("%s: the training patches are constant (every pixel %.6g): nothing to denoise, the mean "
                         "image will equal the input and the variance image will be 0", where, summary.mean[0])
-        elif peak**2 > np.finfo(np.float32).max:
+        elif peak**2 > float(np.finfo(np.float32).max):
             log.warning("%s: intensities reach %.3g; variances above 3.4e38 do not fit the float32 result and are "
                         "clipped there (rescale the image for exact variances)", where, peak)
 
