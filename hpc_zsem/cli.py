@@ -121,16 +121,16 @@ def _cmd_info_checkpoint(path: str) -> int:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from hpc_zsem.io.checkpoint import is_checkpoint
-    from hpc_zsem.io.results import read_result
+    from hpc_zsem.io.results import read_result_summary
 
     if is_checkpoint(args.file) or ".ckpt." in os.path.basename(args.file):
         return _cmd_info_checkpoint(args.file)
-    result = read_result(args.file)
+    result = read_result_summary(args.file)
     meta = result["metadata"]
     history = result["history"]
     print(f"{args.file}: hpc_zsem result (format {meta.get('format_version')}), written {meta.get('created')} "
           f"by hpc_zsem {meta.get('version')} on {meta.get('ranks')} rank(s)")
-    print(f"  model {meta.get('model')}, image {result['mean'].shape}, {meta.get('n_patches')} patches of "
+    print(f"  model {meta.get('model')}, image {result['shape']}, {meta.get('n_patches')} patches of "
           f"{meta.get('patch_size')}, input {meta.get('input_path')} ({meta.get('input_checksum')})")
     if history.get("epoch") is not None and len(history["epoch"]):
         models = f" over {len(set(history['section']))} sections, one model each" if "section" in history else ""

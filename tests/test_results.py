@@ -91,3 +91,16 @@ def test_read_refuses_non_results(tmp_path):
         f["x"] = 1
     with pytest.raises(InputError, match="not an hpc_zsem result file"):
         read_result(other)
+
+
+def test_summary_reads_no_image_data(tmp_path, monkeypatch):
+    from conftest import write_old_result
+    from hpc_zsem.io.results import read_result_summary
+
+    write_old_result(tmp_path / "r.h5")
+    read_rows = []
+    real = h5py.Dataset.__getitem__
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", lambda ds, key: read_rows.append(ds.name) or real(ds, key))
+    summary = read_result_summary(tmp_path / "r.h5")
+    assert summary["shape"] == (8, 8) and "mean" not in summary
+    assert not {"/mean", "/variance", "/input"} & set(read_rows)

@@ -214,15 +214,28 @@ def _group_arrays(f: h5py.File, name: str) -> dict[str, np.ndarray]:
     return {} if group is None else {k: group[k][()] for k in group.keys()}
 
 
-def read_result(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a result file: keys mean, variance, input (arrays), params, history (dicts of arrays) and
-    metadata (dict of all root attributes, as builtins). A damaged file gives InputError."""
+def _read(path: str | os.PathLike, images: bool) -> dict[str, Any]:
+    """The parts of a result file: ``shape`` (of ``mean``), params, history and metadata, plus the image
+    arrays if ``images``. A damaged file gives InputError."""
     with open_result(path) as f:
         try:
-            out: dict[str, Any] = {name: f[name][()] if name in f else None for name in IMAGES}
+            out: dict[str, Any] = {"shape": f["mean"].shape}
+            if images:
+                out.update({name: f[name][()] if name in f else None for name in IMAGES})
             out["params"] = _group_arrays(f, "params")
             out["history"] = _group_arrays(f, "history")
             out["metadata"] = {k: _plain(v) for k, v in f.attrs.items()}
         except (OSError, RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"{path}: corrupt result file ({type(exc).__name__}: {exc})") from None
     return out
+
+
+def read_result(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a result file: keys mean, variance, input (arrays), shape, params, history (dicts of arrays) and
+    metadata (dict of all root attributes, as builtins). A damaged file gives InputError."""
+    return _read(path, images=True)
+
+
+def read_result_summary(path: str | os.PathLike) -> dict[str, Any]:
+    """What :func:`read_result` gives without the images (memory bounded by the parameters, not the volume)."""
+    return _read(path, images=False)
