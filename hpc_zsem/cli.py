@@ -178,6 +178,7 @@ def _count(lowest: int):
 
 def build_parser() -> argparse.ArgumentParser:
     from hpc_zsem import export
+    from hpc_zsem.config import OVERRIDE_HELP
 
     parser = argparse.ArgumentParser(prog="hpc-zsem", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"hpc-zsem {__version__}")
@@ -185,8 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="learn a model of a noisy image and write its mean/variance images")
     run.add_argument("config", help="YAML config file")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key, e.g. --set model.H=128 (repeatable)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP)
     run.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     run.add_argument("--restart", action="store_true",
                      help="ignore an existing checkpoint and start afresh (it is replaced when this run writes "

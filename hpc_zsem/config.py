@@ -11,9 +11,12 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import logging
 import math
 import os
 import re
+import reprlib
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, get_type_hints
@@ -21,8 +24,32 @@ from typing import Any, Callable, get_type_hints
 import yaml
 
 from hpc_zsem.errors import ConfigError
+from hpc_zsem.resources import SIZE_TEXT, parse_bytes
 
 OVERRIDE_SOURCE = "--set"
+
+#: how ``--set section.key=VALUE`` reads VALUE (for ``--help`` texts and docs)
+OVERRIDE_HELP = ("override a config key, e.g. --set model.H=128 (repeatable); the value is YAML (numbers, true/false, "
+                 "[lists], null) except for text keys (paths, names), where it is taken literally: "
+                 "--set 'input.path=img/a #1.tif' is that file, and only exactly 'null' means null "
+                 "(for keys that may be null)")
+
+#: longest echo of a user's value in an error message (longer ones are cut and end in "…")
+ECHO_CHARS = 80
+#: YAML integers longer than this many characters stay text (Python refuses to convert > 4300 digits)
+MAX_INT_CHARS = 200
+
+#: upper bounds of the integer keys: a value beyond them is a typo, or cannot be stored or allocated
+MAX_SEED = 2**63 - 1            # result files store the seed as an int64 HDF5 attribute
+MAX_PIXEL = 2**31 - 1           # coordinates and section indices (products of two stay within int64)
+MAX_EPOCHS = 10**6
+MAX_PATCHES = 10**12            # a 1-terapixel mosaic has about as many patches
+MAX_BLOCK = 2**20
+MAX_S = 10_000
+MAX_C = 100_000
+MAX_NEW_STATES = 1_000          # children per parent, generations per E-step
+
+log = logging.getLogger("hpc_zsem")
 
 
 class _Expected(Exception):
@@ -36,7 +63,45 @@ class _Expected(Exception):
 Validator = Callable[[Any], Any]
 
 
+class _Echo(reprlib.Repr):
+    """reprlib with room for a config value; huge integers are described (Python refuses to print them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxstring = self.maxother = self.maxlong = ECHO_CHARS
+        self.maxlist = self.maxtuple = self.maxset = self.maxdict = 8
+        self.maxlevel = 3
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 13_000:          # about 3900 digits; Python refuses to print more than 4300
+            return f"<an integer of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+
+_ECHO = _Echo()
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)`` for an error message: one line of at most :data:`ECHO_CHARS` characters (a longer one
+    ends in "…"), computed without building the full repr of a huge value."""
+    text = _ECHO.repr(value)
+    return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS - 1] + "…"
+
+
+def _key_text(key: Any) -> str:
+    """A user's key as it appears in a message: as written if it is short printable text, else its short repr."""
+    if isinstance(key, str) and key.isprintable() and 0 < len(key) <= ECHO_CHARS:
+        return key
+    return short_repr(key)
+
+
 # --------------------------------------------------------------------------------------------- validators
+
+def _described(check: Validator, what: str) -> Validator:
+    """``check`` with ``check.what`` = what it accepts (completes "expected ..."; listed by :func:`schema_help`)."""
+    check.what = what
+    return check
+
 
 def _is_int(value: Any) -> bool:
     """True for a real int (``bool`` is not an int here)."""
@@ -54,7 +119,7 @@ def integer(lo: int | None = None, hi: int | None = None, *, nullable: bool = Fa
             raise _Expected(what)
         return value
 
-    return check
+    return _described(check, what)
 
 
 def _bounds_text(lo: int | None, hi: int | None) -> str:
@@ -65,6 +130,7 @@ def _bounds_text(lo: int | None, hi: int | None) -> str:
     return f" <= {hi}" if hi is not None else ""
 
 
+_MAX_FLOAT = sys.float_info.max
 _FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
@@ -82,14 +148,14 @@ def real(*, positive: bool = False, nonnegative: bool = False, nullable: bool = 
             return None
         if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
             value = float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > _MAX_FLOAT:
             raise _Expected(what)
         value = float(value)
         if not math.isfinite(value) or (positive and value <= 0) or (nonnegative and value < 0):
             raise _Expected(what)
         return value
 
-    return check
+    return _described(check, what)
 
 
 def string(*, nullable: bool = False) -> Validator:
@@ -103,18 +169,19 @@ def string(*, nullable: bool = False) -> Validator:
             raise _Expected(what)
         return value
 
-    return check
+    return _described(check, what)
 
 
 def boolean() -> Validator:
     """``true`` or ``false``."""
+    what = "true or false"
 
     def check(value: Any) -> bool:
         if not isinstance(value, bool):
-            raise _Expected("true or false")
+            raise _Expected(what)
         return value
 
-    return check
+    return _described(check, what)
 
 
 def choice(*options: str) -> Validator:
@@ -126,7 +193,7 @@ def choice(*options: str) -> Validator:
             raise _Expected(what)
         return value
 
-    return check
+    return _described(check, what)
 
 
 def int_pair(lo: int, hi: int) -> Validator:
@@ -142,12 +209,12 @@ def int_pair(lo: int, hi: int) -> Validator:
             raise _Expected(what)
         return tuple(value)
 
-    return check
+    return _described(check, what)
 
 
-def crop_box() -> Validator:
-    """null or [y0, y1, x0, x1] with 0 <= y0 < y1 and 0 <= x0 < x1; stored as a tuple."""
-    what = "null or a list [y0, y1, x0, x1] of integers with 0 <= y0 < y1 and 0 <= x0 < x1"
+def crop_box(hi: int) -> Validator:
+    """null or [y0, y1, x0, x1] with 0 <= y0 < y1 <= hi and 0 <= x0 < x1 <= hi; stored as a tuple."""
+    what = f"null or a list [y0, y1, x0, x1] of integers with 0 <= y0 < y1 <= {hi} and 0 <= x0 < x1 <= {hi}"
 
     def check(value: Any) -> tuple[int, int, int, int] | None:
         if value is None:
@@ -155,11 +222,11 @@ def crop_box() -> Validator:
         if not isinstance(value, (list, tuple)) or len(value) != 4 or not all(_is_int(v) for v in value):
             raise _Expected(what)
         y0, y1, x0, x1 = value
-        if not (0 <= y0 < y1 and 0 <= x0 < x1):
+        if not (0 <= y0 < y1 <= hi and 0 <= x0 < x1 <= hi):
             raise _Expected(what)
         return tuple(value)
 
-    return check
+    return _described(check, what)
 
 
 # ------------------------------------------------------------------------------------------------- schema
@@ -177,9 +244,9 @@ def _req(check: Validator, help: str) -> Any:
 @dataclass(frozen=True)
 class InputConfig:
     path: str = _req(string(), "input image (TIFF), relative to the working directory, or 'builtin:demo'")
-    section: int | None = _opt(None, integer(0, nullable=True), "index of one section of a stack")
-    crop: tuple[int, int, int, int] | None = _opt(None, crop_box(), "[y0, y1, x0, x1] region to denoise")
-    downsample: int = _opt(1, integer(1), "keep every k-th pixel in each direction (after crop)")
+    section: int | None = _opt(None, integer(0, MAX_PIXEL, nullable=True), "index of one section of a stack")
+    crop: tuple[int, int, int, int] | None = _opt(None, crop_box(MAX_PIXEL), "[y0, y1, x0, x1] region to denoise")
+    downsample: int = _opt(1, integer(1, 1024), "keep every k-th pixel in each direction (after crop)")
     gain: float | None = _opt(None, real(positive=True, nullable=True), "GPMM: counts = (I - offset)/gain; null = estimate")
     offset: float | None = _opt(None, real(nullable=True), "GPMM: intensity of zero counts; null = estimate")
 
@@ -187,7 +254,7 @@ class InputConfig:
 @dataclass(frozen=True)
 class PatchesConfig:
     size: tuple[int, int] = _opt((8, 8), int_pair(2, 64), "patch height and width (an int n means [n, n])")
-    stride: int = _opt(1, integer(1), "step between patches")
+    stride: int = _opt(1, integer(1, 64), "step between patches (at most the patch size)")
 
 
 @dataclass(frozen=True)
@@ -195,36 +262,37 @@ class ModelConfig:
     name: str = _opt("sssc", choice("sssc", "gpmm"), "generative model")
     H: int = _opt(64, integer(1, 1024), "SSSC: number of latents")
     psi: str = _opt("diag", choice("diag", "full"), "SSSC: prior covariance of the slab")
-    C: int = _opt(100, integer(1), "GPMM: number of classes")
+    C: int = _opt(100, integer(1, MAX_C), "GPMM: number of classes")
     gamma: str = _opt("shared", choice("shared", "per_class"), "GPMM: Gamma prior shared or per class")
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    epochs: int = _opt(50, integer(0), "training epochs")
-    seed: int = _opt(0, integer(0), "random seed")
-    block_size: int = _opt(1024, integer(1), "patches per vectorised E-step block (speed/memory only: random "
-                           "numbers are keyed by global patch index, so results do not depend on it)")
-    max_patches: int | None = _opt(None, integer(1, nullable=True), "train on this many patches drawn uniformly "
-                                   "across the image/stack (reading only their regions), then estimate tile by tile; "
-                                   "null = train on all patches in memory")
+    epochs: int = _opt(50, integer(0, MAX_EPOCHS), "training epochs")
+    seed: int = _opt(0, integer(0, MAX_SEED), "random seed")
+    block_size: int = _opt(1024, integer(1, MAX_BLOCK), "patches per vectorised E-step block (speed/memory only: "
+                           "random numbers are keyed by global patch index, so results do not depend on it)")
+    max_patches: int | None = _opt(None, integer(1, MAX_PATCHES, nullable=True), "train on this many patches drawn "
+                                   "uniformly across the image/stack (reading only their regions), then estimate tile "
+                                   "by tile; null = train on all patches in memory")
     per_section: bool = _opt(False, boolean(), "stacks: learn one model per section (each section is trained and "
                              "estimated on its own; the output is still one (Z, Y, X) volume)")
 
 
 @dataclass(frozen=True)
 class EstimationConfig:
-    epochs: int = _opt(5, integer(0), "evolutionary E-steps with frozen parameters before estimating")
+    epochs: int = _opt(5, integer(0, MAX_EPOCHS), "evolutionary E-steps with frozen parameters before estimating")
     tile: tuple[int, int] = _opt((512, 512), int_pair(16, 65536), "tile height and width of the streamed "
-                                 "estimation pass (with training.max_patches)")
+                                 "estimation pass (with training.max_patches); at least patches.size, and "
+                                 "best >= 8x it: patches on tile borders are computed once per tile they touch")
 
 
 @dataclass(frozen=True)
 class TruncationConfig:
-    S: int = _opt(60, integer(1), "states per truncated set")
-    parents: int = _opt(20, integer(1), "parents per generation")
-    children: int = _opt(1, integer(1), "children per parent")
-    generations: int = _opt(1, integer(1), "generations per E-step")
+    S: int = _opt(60, integer(1, MAX_S), "states per truncated set")
+    parents: int = _opt(20, integer(1, MAX_S), "parents per generation")
+    children: int = _opt(1, integer(1, MAX_NEW_STATES), "children per parent")
+    generations: int = _opt(1, integer(1, MAX_NEW_STATES), "generations per E-step")
     selection: str = _opt("fitness", choice("fitness", "uniform", "best"), "parent selection")
     mutation: str = _opt("random", choice("sparse", "random"), "bit-flip mutation: random = one uniformly chosen "
                          "bit; sparse = per-bit flips drifting towards the prior's number of active units")
@@ -238,20 +306,20 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    every_epochs: int = _opt(1, integer(1), "epochs between progress lines")
+    every_epochs: int = _opt(1, integer(1, MAX_EPOCHS), "epochs between progress lines")
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
     path: str | None = _opt(None, string(nullable=True), "checkpoint file; null = output.path with suffix .ckpt.h5")
-    every_epochs: int = _opt(10, integer(0), "write a checkpoint every n epochs (0 = off)")
+    every_epochs: int = _opt(10, integer(0, MAX_EPOCHS), "write a checkpoint every n epochs (0 = off)")
     every_seconds: float = _opt(1800.0, real(nonnegative=True), "write a checkpoint when this many seconds have "
                                 "passed since the last one (0 = off)")
 
 
 def memory_size() -> Validator:
     """A memory size such as 2GiB, 1500MB, 2G or a number of bytes (see resources.parse_bytes), or null."""
-    from hpc_zsem.resources import parse_bytes
+    what = f"{SIZE_TEXT}, or null"
 
     def check(value: Any) -> int | None:
         if value is None:
@@ -259,15 +327,17 @@ def memory_size() -> Validator:
         try:
             return parse_bytes(value)
         except ConfigError:
-            raise _Expected("a memory size > 0 such as 2GiB, 1500MB, 2G or a number of bytes, or null") from None
+            raise _Expected(what) from None
 
-    return check
+    return _described(check, what)
 
 
 @dataclass(frozen=True)
 class ResourcesConfig:
     max_memory_per_rank: int | None = _opt(None, memory_size(), "refuse to start when the estimated memory per "
-                                           "rank exceeds this (e.g. 4GiB); null = no check")
+                                           "rank exceeds this (e.g. 4GiB); null = the memory of this machine, its "
+                                           "SLURM allocation or cgroup limit (the smallest), shared by the ranks on "
+                                           "the node")
 
 
 @dataclass(frozen=True)
@@ -311,19 +381,21 @@ def _sections() -> dict[str, type]:
 
 
 def schema_help() -> str:
-    """One line per key: ``section.key (default ...): help`` — for ``--help`` texts and docs."""
+    """One line per key: ``section.key (default ...; what it accepts): help`` — for ``--help`` texts and docs;
+    a last line says how ``--set`` reads values (:data:`OVERRIDE_HELP`)."""
     lines = []
     for name, cls in _sections().items():
         for f in dataclasses.fields(cls):
             default = "required" if f.default is dataclasses.MISSING else f"default {_plain(f.default)!r}"
-            lines.append(f"{name}.{f.name} ({default}): {f.metadata['help']}")
-    return "\n".join(lines)
+            lines.append(f"{name}.{f.name} ({default}; {f.metadata['check'].what}): {f.metadata['help']}")
+    return "\n".join(lines + [f"--set KEY=VALUE: {OVERRIDE_HELP}"])
 
 
 # ------------------------------------------------------------------------------------------------- walker
 
 def _unknown(source: str, key: str, valid: Sequence[str]) -> ConfigError:
-    """ConfigError for an unknown dotted ``key``, suggesting the closest valid key."""
+    """ConfigError for an unknown dotted ``key`` (as shown: see :func:`_key_text`), suggesting the closest
+    valid key."""
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
     return ConfigError(f"{source}: {key}: unknown key{hint}")
@@ -334,12 +406,12 @@ def _build_section(name: str, cls: type, raw: Any, sources: Mapping[str, str], d
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{default_source}: {name}: expected a mapping of keys, got {raw!r}")
+        raise ConfigError(f"{default_source}: {name}: expected a mapping of keys, got {short_repr(raw)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
-            dotted = f"{name}.{key}"
-            raise _unknown(sources.get(dotted, default_source), dotted, [f"{name}.{k}" for k in fields])
+            source = sources.get(f"{name}.{key}", default_source) if isinstance(key, str) else default_source
+            raise _unknown(source, f"{name}.{_key_text(key)}", [f"{name}.{k}" for k in fields])
     values = {}
     for key, f in fields.items():
         dotted = f"{name}.{key}"
@@ -352,16 +424,22 @@ def _build_section(name: str, cls: type, raw: Any, sources: Mapping[str, str], d
         try:
             values[key] = f.metadata["check"](raw[key])
         except _Expected as exc:
-            raise ConfigError(f"{source}: {dotted}: expected {exc.what}, got {raw[key]!r}") from None
+            raise ConfigError(f"{source}: {dotted}: expected {exc.what}, got {short_repr(raw[key])}") from None
     return cls(**values)
 
 
 def _check_cross(cfg: Config, sources: Mapping[str, str], default_source: str) -> None:
     """Checks that involve several keys."""
-    if cfg.patches.stride > min(cfg.patches.size):
+    size = cfg.patches.size
+    if cfg.patches.stride > min(size):
         source = sources.get("patches.stride", default_source)
-        raise ConfigError(f"{source}: patches.stride: expected at most the patch size {min(cfg.patches.size)} "
+        raise ConfigError(f"{source}: patches.stride: expected at most the patch size {min(size)} "
                           f"(larger strides leave pixels uncovered), got {cfg.patches.stride}")
+    tile = cfg.estimation.tile
+    if tile[0] < size[0] or tile[1] < size[1]:
+        source = sources.get("estimation.tile", default_source)
+        raise ConfigError(f"{source}: estimation.tile: expected at least patches.size {list(size)} in each "
+                          f"direction, got {list(tile)}")
     if cfg.model.name != "sssc":
         return
     t, H = cfg.truncation, cfg.model.H
@@ -373,12 +451,35 @@ def _check_cross(cfg: Config, sources: Mapping[str, str], default_source: str) -
         raise ConfigError(f"{source}: truncation.parents: expected at most truncation.S = {t.S}, got {t.parents}")
 
 
+#: a streamed pass that computes each patch this many times or more gets a warning about estimation.tile
+SLOW_TILE_FACTOR = 2.0
+
+
+def tile_overhead(tile: tuple[int, int], size: tuple[int, int]) -> float:
+    """How many times a streamed estimation pass computes each patch: a tile computes every patch that covers
+    one of its core pixels, ``ty + h − 1`` corner rows for ``ty`` core rows, so ≈ (1 + (h−1)/ty)·(1 + (w−1)/tx)
+    (edge tiles compute fewer: this is the limit for images much larger than a tile)."""
+    return (1 + (size[0] - 1) / tile[0]) * (1 + (size[1] - 1) / tile[1])
+
+
+def _warn_slow_tile(cfg: Config, sources: Mapping[str, str], default_source: str) -> None:
+    """A one-line warning when ``estimation.tile`` is legal but makes a streamed pass much slower."""
+    factor = tile_overhead(cfg.estimation.tile, cfg.patches.size)
+    if cfg.training.max_patches is None or factor < SLOW_TILE_FACTOR:
+        return
+    source = sources.get("estimation.tile", default_source)
+    log.warning("%s: estimation.tile: %s with patches.size %s computes each patch about %.1f times in the "
+                "streamed pass (patches on tile borders are computed by every tile they touch); tiles of at "
+                "least 8x the patch size keep it below 1.3", source, list(cfg.estimation.tile),
+                list(cfg.patches.size), factor)
+
+
 def _top_level(raw: Any, source: str) -> Mapping:
     """The document's top level: a mapping of sections (an empty document counts as empty)."""
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {raw!r}")
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {short_repr(raw)}")
     return raw
 
 
@@ -388,24 +489,88 @@ def _build(raw: Any, sources: Mapping[str, str], default_source: str) -> Config:
     sections = _sections()
     for name in raw:
         if name not in sections:
-            raise _unknown(sources.get(str(name), default_source), str(name), list(sections))
+            source = sources.get(name, default_source) if isinstance(name, str) else default_source
+            raise _unknown(source, _key_text(name), list(sections))
     cfg = Config(**{name: _build_section(name, cls, raw.get(name), sources, default_source)
                     for name, cls in sections.items()})
     _check_cross(cfg, sources, default_source)
     return cfg
 
 
+# ------------------------------------------------------------------------------------------------- YAML
+
+class _Refused(yaml.YAMLError):
+    """A document the strict loader refuses; the message is what follows "<file>: " in the ConfigError."""
+
+
+def _line(node_or_event: Any) -> int:
+    """The 1-based line where a YAML node or event starts."""
+    return node_or_event.start_mark.line + 1
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader for config text that refuses anchors and aliases (a few hundred bytes of nested aliases expand
+    to gigabytes) and a key given twice in one mapping (the second silently won), and keeps integers longer than
+    :data:`MAX_INT_CHARS` as text, so that the key's validator refuses them (Python cannot convert them)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            mark = ("*" if isinstance(event, yaml.AliasEvent) else "&") + event.anchor
+            raise _Refused(f"line {_line(event)}, column {event.start_mark.column + 1}: expected no YAML anchors "
+                           f"(&name) or aliases (*name) in a config, got {short_repr(mark)}")
+        return super().compose_node(parent, index)
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._refuse_duplicate_keys(node, "")
+        return super().construct_document(node)
+
+    def _refuse_duplicate_keys(self, node: yaml.Node, path: str) -> None:
+        """Raise :class:`_Refused` naming the dotted key and both lines of a key given twice in a mapping."""
+        if isinstance(node, yaml.SequenceNode):
+            for i, child in enumerate(node.value):
+                self._refuse_duplicate_keys(child, f"{path}[{i}]")
+        if not isinstance(node, yaml.MappingNode):
+            return
+        first: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            dotted = f"{path}.{_key_text(key)}" if path else _key_text(key)
+            if key in first:
+                raise _Refused(f"{dotted}: expected each key once in a mapping, got it again at line "
+                               f"{_line(key_node)} (first at line {first[key]})")
+            first[key] = _line(key_node)
+            self._refuse_duplicate_keys(value_node, dotted)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> Any:
+        if len(node.value) > MAX_INT_CHARS:
+            return self.construct_scalar(node)
+        return super().construct_yaml_int(node)
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
+
+
+def _parse_yaml(text: Any) -> Any:
+    """The one YAML document of ``text`` (a string or a text stream), read by :class:`_StrictLoader`."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: str | os.PathLike) -> Any:
     """The parsed YAML document of a config file; any failure is a ConfigError naming the file."""
     try:
         with open(path, encoding="utf-8") as fh:
-            return yaml.safe_load(fh)
+            return _parse_yaml(fh)
     except OSError as exc:
         raise ConfigError(f"{os.fspath(path)}: cannot read config file: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{os.fspath(path)}: expected a UTF-8 text (YAML) file") from None
     except RecursionError:
         raise ConfigError(f"{os.fspath(path)}: YAML nested too deeply") from None
+    except _Refused as exc:
+        raise ConfigError(f"{os.fspath(path)}: {exc}") from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -413,17 +578,38 @@ def _read_yaml(path: str | os.PathLike) -> Any:
         raise ConfigError(f"{os.fspath(path)}: YAML syntax error{line}: {problem}") from None
 
 
+def _text_keys() -> dict[str, bool]:
+    """Dotted key → nullable, for the keys whose type is text (``str`` or ``str | None``)."""
+    out = {}
+    for name, cls in _sections().items():
+        for key, hint in get_type_hints(cls).items():
+            if hint in (str, str | None):
+                out[f"{name}.{key}"] = hint is not str
+    return out
+
+
+def _override_value(key: str, text: str) -> Any:
+    """The value of ``--set key=text``: for a text key the text itself (only exactly ``null`` is null, and only
+    where the key may be null), else the text read as YAML; see :data:`OVERRIDE_HELP`."""
+    text_keys = _text_keys()
+    if key in text_keys:
+        return None if text_keys[key] and text == "null" else text
+    try:
+        return _parse_yaml(text)
+    except _Refused as exc:
+        raise ConfigError(f"{OVERRIDE_SOURCE}: {key}: {exc}") from None
+    except (yaml.YAMLError, RecursionError):
+        raise ConfigError(f"{OVERRIDE_SOURCE}: {key}: expected a YAML value, got {short_repr(text)}") from None
+
+
 def _apply_override(raw: dict, text: str, sources: dict[str, str]) -> None:
-    """Apply one ``section.key=value`` override (value parsed as YAML) to ``raw`` in place."""
+    """Apply one ``section.key=value`` override to ``raw`` in place."""
     key, sep, value_text = text.partition("=")
     key = key.strip()
     parts = key.split(".")
     if not sep or len(parts) != 2 or not all(parts):
-        raise ConfigError(f"{OVERRIDE_SOURCE}: expected section.key=value, got {text!r}")
-    try:
-        value = yaml.safe_load(value_text)
-    except (yaml.YAMLError, RecursionError):
-        raise ConfigError(f"{OVERRIDE_SOURCE}: {key}: expected a YAML value, got {value_text!r}") from None
+        raise ConfigError(f"{OVERRIDE_SOURCE}: expected section.key=value, got {short_repr(text)}")
+    value = _override_value(key, value_text)
     section, name = parts
     if not isinstance(raw.get(section), dict):
         raw[section] = {}
@@ -435,7 +621,8 @@ def _apply_override(raw: dict, text: str, sources: dict[str, str]) -> None:
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
     """Read ``path`` (None = all defaults), apply ``--set`` overrides and validate.
 
-    Raises :class:`ConfigError` with a one-line message naming the file or ``--set`` and the key.
+    Raises :class:`ConfigError` with a one-line message naming the file or ``--set`` and the key; logs a
+    one-line warning for a legal but slow setting.
     """
     source = os.fspath(path) if path is not None else OVERRIDE_SOURCE
     raw = _top_level(_read_yaml(path) if path is not None else None, source)
@@ -443,7 +630,9 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     sources: dict[str, str] = {}
     for text in overrides:
         _apply_override(raw, text, sources)
-    return _build(raw, sources, source)
+    cfg = _build(raw, sources, source)
+    _warn_slow_tile(cfg, sources, source)
+    return cfg
 
 
 def config_from_dict(d: Mapping[str, Any], source: str = "stored config") -> Config:

@@ -1,5 +1,9 @@
 """Memory per rank, estimated before any heavy work starts, and the ``resources.max_memory_per_rank`` check.
 
+The check compares the estimate with ``resources.max_memory_per_rank`` or, where that is null, with
+:func:`default_memory_limit`: the memory of this machine, of its SLURM allocation or of its cgroup (the
+smallest that is known), shared by the MPI ranks on this node.
+
 :func:`estimate_memory_per_rank` returns bytes by component for the *busiest* rank (rank 0: blocks of
 ``training.block_size`` patches are dealt out contiguously with the remainder to the low ranks, and rank 0
 also receives the reduced pixel sums):
@@ -38,14 +42,19 @@ GPMM E-step temporaries: ``_posterior`` and the statistics allocate ≈ 7 float6
 """
 from __future__ import annotations
 
-import math
+import os
 import re
 import tracemalloc
-from typing import Any, Callable
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 from hpc_zsem.errors import ConfigError
 
 KEY = "resources.max_memory_per_rank"
+#: the largest memory size accepted (1 EiB): larger ones are typos
+MAX_SIZE = 2**60
+SIZE_TEXT = "a memory size > 0 and <= 1 EiB such as 2GiB, 1500MB, 2G or a number of bytes"
 
 #: active units of a typical state assumed by the SSSC E-step estimate (k in the per-pair formulas)
 ASSUMED_ACTIVE_UNITS = 8
@@ -138,26 +147,25 @@ def parse_bytes(value: Any, key: str = KEY) -> int:
     """A memory size → bytes: an int (bytes) or a string ``"2GiB"``, ``"1500MB"``, ``"2G"``, ``"512 MiB"``.
 
     Units (case-insensitive): B; KiB/MiB/GiB/TiB and the SLURM-style K/M/G/T are powers of 1024; KB/MB/GB/TB
-    are powers of 1000. Anything else (or a size <= 0) raises a one-line ConfigError naming ``key``."""
-    what = f"{key}: expected a memory size > 0 such as 2GiB, 1500MB, 2G or a number of bytes, got {value!r}"
+    are powers of 1000. Anything else (or a size <= 0 or > :data:`MAX_SIZE`) raises a one-line ConfigError
+    naming ``key``."""
+    from hpc_zsem.config import short_repr   # config imports this module
+
+    what = f"{key}: expected {SIZE_TEXT}, got {short_repr(value)}"
     if isinstance(value, bool):
         raise ConfigError(what)
-    if isinstance(value, int):
+    if isinstance(value, (int, float)):
         number = value
-    elif isinstance(value, float):
-        if not math.isfinite(value):
-            raise ConfigError(what)
-        number = int(value)
     elif isinstance(value, str):
         match = _SIZE.match(value)
         if not match or match.group(2).lower() not in _UNITS:
             raise ConfigError(what)
-        number = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+        number = float(match.group(1)) * _UNITS[match.group(2).lower()]
     else:
         raise ConfigError(what)
-    if number <= 0:
+    if not 0 < number <= MAX_SIZE or int(number) <= 0:   # NaN fails the first test, 0.5 bytes the second
         raise ConfigError(what)
-    return number
+    return int(number)
 
 
 def ranks_needed(estimate: MemoryEstimate, limit_bytes: int) -> int | None:
@@ -181,8 +189,116 @@ def ranks_needed(estimate: MemoryEstimate, limit_bytes: int) -> int | None:
     return lo
 
 
+#: cgroup limits at or above this mean "no limit" (cgroup v1 writes 2**63 rounded down to a page)
+_UNLIMITED = 2**60
+#: environment variables in which MPI launchers give the number of ranks on this node
+_LOCAL_RANKS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
+
+
+class MemoryLimit(NamedTuple):
+    """The per-rank limit of :func:`default_memory_limit` and where it comes from."""
+
+    per_rank: int
+    node: int
+    source: str
+    ranks_on_node: int
+
+
+def physical_memory() -> int | None:
+    """Bytes of physical memory of this machine; None where the OS does not say."""
+    try:
+        page, pages = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+    return page * pages if page > 0 and pages > 0 else None      # -1: the OS does not know
+
+
+def _positive_int(text: str | None) -> int | None:
+    """The value of an environment variable that should hold a positive integer; None if it does not."""
+    return int(text) if text and text.strip().isdigit() and int(text) > 0 else None
+
+
+def slurm_memory(env: Mapping[str, str]) -> tuple[int, str] | None:
+    """Bytes of this node's SLURM allocation and the variable(s) it was read from: ``SLURM_MEM_PER_NODE``, or
+    ``SLURM_MEM_PER_CPU`` × ``SLURM_CPUS_ON_NODE`` (SLURM gives MiB); None outside SLURM, or for 0 (the whole
+    node)."""
+    per_node = _positive_int(env.get("SLURM_MEM_PER_NODE"))
+    if per_node:
+        return per_node * 2**20, "SLURM_MEM_PER_NODE"
+    per_cpu, cpus = _positive_int(env.get("SLURM_MEM_PER_CPU")), _positive_int(env.get("SLURM_CPUS_ON_NODE"))
+    if per_cpu and cpus:
+        return per_cpu * cpus * 2**20, "SLURM_MEM_PER_CPU x SLURM_CPUS_ON_NODE"
+    return None
+
+
+def _cgroup_files(root: Path, membership: Path) -> list[Path]:
+    """The memory limit files that may apply to this process: the root ones and those of its cgroup and its
+    ancestors (v2 ``memory.max``, v1 ``memory/…/memory.limit_in_bytes``)."""
+    files = [root / "memory.max", root / "memory" / "memory.limit_in_bytes"]
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return files
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        parts = [p for p in path.split("/") if p]
+        if controllers == "":
+            base, name = root, "memory.max"
+        elif "memory" in controllers.split(","):
+            base, name = root / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        files += [base.joinpath(*parts[:depth]) / name for depth in range(1, len(parts) + 1)]
+    return files
+
+
+def cgroup_memory(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> int | None:
+    """Bytes of the tightest cgroup memory limit on this process (v1 or v2); None if none is set or readable."""
+    limits = []
+    for file in _cgroup_files(root, membership):
+        try:
+            text = file.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < _UNLIMITED:
+            limits.append(int(text))
+    return min(limits, default=None)
+
+
+def ranks_on_this_node(env: Mapping[str, str]) -> int:
+    """MPI ranks sharing this node as the launcher says (MPICH/Hydra, Open MPI, or srun's
+    ``SLURM_STEP_TASKS_PER_NODE`` for the first node, where rank 0 runs); 1 where none says."""
+    for name in _LOCAL_RANKS:
+        ranks = _positive_int(env.get(name))
+        if ranks:
+            return ranks
+    match = re.match(r"\d+", env.get("SLURM_STEP_TASKS_PER_NODE", ""))
+    return max(1, int(match.group())) if match else 1
+
+
+def default_memory_limit(env: Mapping[str, str] | None = None) -> MemoryLimit | None:
+    """The limit per rank used when ``resources.max_memory_per_rank`` is null: the smallest of this machine's
+    physical memory, its SLURM allocation and its cgroup limit, divided by the ranks on this node; None when
+    none of them is known."""
+    env = os.environ if env is None else env
+    known = [(physical_memory(), "physical memory of this machine"), (cgroup_memory(), "cgroup memory limit")]
+    slurm = slurm_memory(env)
+    if slurm is not None:
+        known.append((slurm[0], f"SLURM allocation, {slurm[1]}"))
+    known = [(size, source) for size, source in known if size]
+    if not known:
+        return None
+    node, source = min(known)
+    ranks = ranks_on_this_node(env)
+    return MemoryLimit(node // ranks, node, source, ranks)
+
+
 def check_memory(estimate: dict[str, int], limit_bytes: int | None) -> None:
-    """Raise a one-line ConfigError when ``estimate["total"]`` exceeds ``limit_bytes`` (None = no limit)."""
+    """Raise a one-line ConfigError when ``estimate["total"]`` exceeds ``limit_bytes``; None = the
+    :func:`default_memory_limit` (no check where that is unknown)."""
+    default = default_memory_limit() if limit_bytes is None else None
+    if default is not None:
+        limit_bytes = default.per_rank
     if limit_bytes is None or estimate["total"] <= limit_bytes:
         return
     parts = ", ".join(f"{_LABELS.get(c, c)} {format_bytes(estimate[c])}"
@@ -191,13 +307,20 @@ def check_memory(estimate: dict[str, int], limit_bytes: int | None) -> None:
     smaller = "a smaller S/H" if model == "sssc" else "a smaller C"
     head = (f"{KEY}: the run needs about {format_bytes(estimate['total'])} per rank ({parts}) "
             f"but the limit is {format_bytes(limit_bytes)}")
+    spread = override = ""
+    if default is not None:
+        head += (f" per rank ({format_bytes(default.node)} {default.source} / {default.ranks_on_node} rank(s) "
+                 f"on this node, as {KEY} is null)")
+        spread = f" with at most {default.ranks_on_node} per node"
+        override = f"; or set {KEY} if the estimate is too high"
     if not hasattr(estimate, "inputs"):
-        raise ConfigError(f"{head}; use more ranks or {smaller}")
-    needed = ranks_needed(estimate, limit_bytes)
-    if needed is not None:
-        raise ConfigError(f"{head}; use at least {needed} ranks or {smaller}")
-    raise ConfigError(f"{head}; more ranks cannot make it fit: use {smaller}, a smaller training.block_size, "
-                      "or a smaller image (input.crop / input.downsample)")
+        fix = f"use more ranks{spread} or {smaller}"
+    elif (needed := ranks_needed(estimate, limit_bytes)) is not None:
+        fix = f"use at least {needed} ranks{spread} or {smaller}"
+    else:
+        fix = (f"more ranks cannot make it fit: use {smaller}, a smaller training.block_size, "
+               "or a smaller image (input.crop / input.downsample)")
+    raise ConfigError(f"{head}; {fix}{override}")
 
 
 def measure_peak(call: Callable[[], Any]) -> int:

@@ -210,6 +210,9 @@ def _valid_values(dotted: str):
 
 
 _KEY = st.text(alphabet=string.ascii_lowercase + string.digits + "_", min_size=1, max_size=12)
+#: keys whose type is text (str or str | None) → whether they may be null: --set takes their value literally
+TEXT_KEYS = {f"{s}.{k}": hint is not str for s, cls in SECTIONS.items()
+             for k, hint in typing.get_type_hints(cls).items() if hint in (str, str | None)}
 
 
 def _check(dotted: str):
@@ -320,17 +323,26 @@ def test_random_config_files_load_or_name_the_offending_key(raw):
     _check_outcome(seen, lambda: _load_text(text), "<file>")
 
 
+def _override(dotted: str, value) -> tuple[str, typing.Any]:
+    """What a user types after ``--set dotted=`` for ``value``, and the value the loader must see: a text key
+    takes the text literally (only exactly ``null`` is null, where the key may be null); others read YAML."""
+    if dotted in TEXT_KEYS:
+        text = "null" if value is None else str(value)
+        return text, None if text == "null" and TEXT_KEYS[dotted] else text
+    text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True)
+    return text, yaml.safe_load(text)
+
+
 @CONFIG_PROPS
 @given(st.lists(st.sampled_from(DOTTED), max_size=5), st.data())
 def test_random_set_overrides_load_or_name_the_offending_key(keys, data):
     overrides = ["input.path=in.tif", "output.path=out.h5"]
     raw = {s: dict(v) for s, v in BASE.items()}
     for dotted in keys:
-        value = data.draw(_valid_values(dotted))
-        text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True)
+        text, seen = _override(dotted, data.draw(_valid_values(dotted)))
         overrides.append(f"{dotted}={text}")
         section, key = dotted.split(".")
-        raw.setdefault(section, {})[key] = yaml.safe_load(text)
+        raw.setdefault(section, {})[key] = seen
     _check_outcome(raw, lambda: load_config(None, overrides), "--set")
 
 

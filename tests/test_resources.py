@@ -2,13 +2,17 @@
 import numpy as np
 import pytest
 
+from hpc_zsem import resources
+from hpc_zsem.config import load_config
 from hpc_zsem.errors import ConfigError
 from hpc_zsem.models.gpmm import GPMM
 from hpc_zsem.models.sssc import SSSC
 from hpc_zsem.parallel import block_ranges, shard
 from hpc_zsem.patches import PatchGrid
-from hpc_zsem.resources import (COMPONENTS, check_memory, estimate_memory_per_rank, format_bytes, measure_peak,
-                                parse_bytes, ranks_needed)
+from hpc_zsem.pipeline import preflight
+from hpc_zsem.resources import (COMPONENTS, MemoryLimit, cgroup_memory, check_memory, default_memory_limit,
+                                estimate_memory_per_rank, format_bytes, measure_peak, parse_bytes, ranks_needed,
+                                ranks_on_this_node, slurm_memory)
 from hpc_zsem.variational.evolution import EvolutionSettings
 from hpc_zsem.variational.states import pack
 
@@ -175,3 +179,85 @@ def test_format_bytes(n, text):
 def test_estimate_rejects_an_unknown_model():
     with pytest.raises(ValueError, match="model"):
         estimate_memory_per_rank(10, 1, 4, "pca", 1, 1, 1, 1, 10, 100)
+
+
+# ------------------------------------------------- issue 13 item 14: the default limit is this machine's memory
+
+def _no_machine_limits(monkeypatch, physical=64 * GiB, cgroup=None):
+    monkeypatch.setattr(resources, "physical_memory", lambda: physical)
+    monkeypatch.setattr(resources, "cgroup_memory", lambda: cgroup)
+
+
+def test_slurm_memory_reads_the_allocation():
+    assert slurm_memory({}) is None
+    assert slurm_memory({"SLURM_MEM_PER_NODE": "4096"}) == (4 * GiB, "SLURM_MEM_PER_NODE")
+    assert slurm_memory({"SLURM_MEM_PER_NODE": "0", "SLURM_MEM_PER_CPU": "1000", "SLURM_CPUS_ON_NODE": "4"}) == \
+        (4000 * 2**20, "SLURM_MEM_PER_CPU x SLURM_CPUS_ON_NODE")
+    assert slurm_memory({"SLURM_MEM_PER_CPU": "1000"}) is None
+    assert slurm_memory({"SLURM_MEM_PER_NODE": "lots"}) is None
+
+
+def test_cgroup_memory_takes_the_tightest_limit(tmp_path):
+    membership = tmp_path / "cgroup"
+    membership.write_text("0::/job_7/step_0\n")
+    (tmp_path / "job_7" / "step_0").mkdir(parents=True)
+    (tmp_path / "job_7" / "memory.max").write_text(f"{3 * GiB}\n")
+    (tmp_path / "job_7" / "step_0" / "memory.max").write_text("max\n")
+    assert cgroup_memory(tmp_path, membership) == 3 * GiB
+    membership.write_text("4:memory:/a\n3:cpu:/b\n")
+    (tmp_path / "memory" / "a").mkdir(parents=True)
+    (tmp_path / "memory" / "a" / "memory.limit_in_bytes").write_text(f"{2 * GiB}\n")
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")   # v1: unlimited
+    assert cgroup_memory(tmp_path, membership) == 2 * GiB
+    assert cgroup_memory(tmp_path / "none", tmp_path / "no_membership") is None
+
+
+def test_ranks_on_this_node_from_the_launcher():
+    assert ranks_on_this_node({}) == 1
+    assert ranks_on_this_node({"MPI_LOCALNRANKS": "4"}) == 4
+    assert ranks_on_this_node({"OMPI_COMM_WORLD_LOCAL_SIZE": "8"}) == 8
+    assert ranks_on_this_node({"SLURM_STEP_TASKS_PER_NODE": "16(x2),3"}) == 16
+
+
+def test_default_limit_is_the_smallest_memory_shared_by_the_ranks_on_the_node(monkeypatch):
+    _no_machine_limits(monkeypatch, physical=64 * GiB)
+    assert default_memory_limit({}) == MemoryLimit(64 * GiB, 64 * GiB, "physical memory of this machine", 1)
+    env = {"SLURM_MEM_PER_NODE": str(32 * 1024), "MPI_LOCALNRANKS": "4"}
+    assert default_memory_limit(env) == MemoryLimit(8 * GiB, 32 * GiB, "SLURM allocation, SLURM_MEM_PER_NODE", 4)
+    _no_machine_limits(monkeypatch, physical=64 * GiB, cgroup=16 * GiB)
+    assert default_memory_limit(env).per_rank == 4 * GiB
+    _no_machine_limits(monkeypatch, physical=None)
+    assert default_memory_limit({}) is None
+
+
+def test_check_memory_without_a_limit_refuses_what_the_machine_cannot_hold(monkeypatch):
+    """Item 14: with resources.max_memory_per_rank null there was no check at all, so truncation.S 10000
+    with model.H 1024 died in numpy after the input was read."""
+    _no_machine_limits(monkeypatch, physical=8 * GiB)
+    monkeypatch.setenv("MPI_LOCALNRANKS", "2")
+    est = estimate_memory_per_rank(4 * 10**6, 2, 64, "sssc", 256, 60, 20, 1, 1024, 2000 * 2000)
+    assert 4 * GiB < est["total"]
+    with pytest.raises(ConfigError) as info:
+        check_memory(est, None)
+    msg = str(info.value)
+    n = ranks_needed(est, 4 * GiB)
+    assert msg == (f"resources.max_memory_per_rank: the run needs about {format_bytes(est['total'])} per rank "
+                   f"(patches {format_bytes(est['patches'])}, truncated sets {format_bytes(est['truncated_sets'])}, "
+                   f"E-step temporaries {format_bytes(est['estep_temporaries'])}, pixel accumulators 183.1 MiB, "
+                   "image 30.5 MiB) but the limit is 4 GiB per rank (8 GiB physical memory of this machine / 2 "
+                   "rank(s) on this node, as resources.max_memory_per_rank is null); use at least "
+                   f"{n} ranks with at most 2 per node or a smaller S/H; or set resources.max_memory_per_rank if "
+                   "the estimate is too high")
+    check_memory(est, 64 * GiB)                  # an explicit limit replaces the machine's
+    monkeypatch.delenv("MPI_LOCALNRANKS")
+    _no_machine_limits(monkeypatch, physical=None)
+    check_memory(est, None)                      # nothing known: no check
+
+
+def test_preflight_refuses_a_huge_truncated_set_before_any_work(tmp_path):
+    """The call site (pipeline.preflight passes the config's null limit) now gets the machine check."""
+    config = load_config(None, ["input.path=builtin:demo", f"output.path={tmp_path / 'o.h5'}",
+                                "truncation.S=10000", "model.H=1024"])
+    with pytest.raises(ConfigError, match=r"^resources\.max_memory_per_rank: the run needs about .* per rank .*"
+                                          r"as resources\.max_memory_per_rank is null\)"):
+        preflight(config, overwrite=False)
