@@ -122,6 +122,25 @@ def integer(lo: int | None = None, hi: int | None = None, *, nullable: bool = Fa
     return _described(check, what)
 
 
+AUTO = "auto"
+
+
+def integer_or_auto(lo: int, hi: int) -> Validator:
+    """An int in [lo, hi], or the word ``auto``."""
+    inner = integer(lo, hi)
+    what = f"{inner.what} or 'auto'"
+
+    def check(value: Any) -> int | str:
+        if value == AUTO:
+            return AUTO
+        try:
+            return inner(value)
+        except _Expected:
+            raise _Expected(what) from None
+
+    return _described(check, what)
+
+
 def _bounds_text(lo: int | None, hi: int | None) -> str:
     if lo is not None and hi is not None:
         return f" in [{lo}, {hi}]"
@@ -268,7 +287,14 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    epochs: int = _opt(50, integer(0, MAX_EPOCHS), "training epochs")
+    epochs: int | str = _opt(50, integer_or_auto(0, MAX_EPOCHS), "training epochs, or 'auto': until the free "
+                             "energy per patch pixel changes by less than stop_tolerance per epoch over the last "
+                             "stop_window epochs, at most max_epochs")
+    max_epochs: int = _opt(300, integer(1, MAX_EPOCHS), "with epochs: auto, the most training epochs")
+    stop_window: int = _opt(10, integer(1, 1000), "with epochs: auto, epochs over which the change of the free "
+                            "energy is measured")
+    stop_tolerance: float = _opt(5e-4, real(positive=True), "with epochs: auto, stop when |F_t - F_(t-window)| / "
+                                 "(window · D) < this (F = free energy per patch in nats, D pixels per patch)")
     seed: int = _opt(0, integer(0, MAX_SEED), "random seed")
     block_size: int = _opt(1024, integer(1, MAX_BLOCK), "patches per vectorised E-step block (speed/memory only: "
                            "random numbers are keyed by global patch index, so results do not depend on it)")
@@ -277,6 +303,11 @@ class TrainingConfig:
                                    "by tile; null = train on all patches in memory")
     per_section: bool = _opt(False, boolean(), "stacks: learn one model per section (each section is trained and "
                              "estimated on its own; the output is still one (Z, Y, X) volume)")
+
+    @property
+    def epoch_limit(self) -> int:
+        """The last epoch training may reach: ``epochs``, or ``max_epochs`` with ``epochs: auto``."""
+        return self.max_epochs if self.epochs == AUTO else self.epochs
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from hpc_zsem import __version__
-from hpc_zsem.config import Config
+from hpc_zsem.config import AUTO, Config
 from hpc_zsem.intensity import estimate_gain_offset, from_counts_mean_variance, to_counts
 from hpc_zsem.io import checkpoint as ckpt_io
 from hpc_zsem.io.checkpoint import Checkpoint
@@ -198,7 +198,7 @@ class Run:
         # checkpoints and resume
         self.stop = None                      # a StopFlag (set by `hpc-zsem run`); truthy = stop requested
         self.checkpoint_path = ckpt_io.checkpoint_path(config)
-        self.train_from = self.estimate_from = 1
+        self.estimate_from = 1                # training goes on after the last epoch of the history
         self.elapsed_before = 0.0             # seconds spent by the runs this one continues
         self.resumed_from: str | None = None
         self._input_checksum: str | None = None
@@ -314,9 +314,29 @@ class Run:
         self._flags = {key: bool(stats.pop(key) > 0) for key in (_STOP, _TIME_DUE)}
         return stats
 
+    @property
+    def last_epoch(self) -> int:
+        """The last training epoch done (0 before the first)."""
+        epochs = self.history.rows["epoch"]
+        return int(epochs[-1]) if epochs else 0
+
+    def converged(self) -> bool:
+        """``training.epochs: auto``: True once the free energy per patch pixel has changed by less than
+        ``stop_tolerance`` per epoch over the last ``stop_window`` epochs,
+            |F_t − F_{t−w}| / (w · D) < tol,
+        a function of the history only, so every rank, and a resumed run, decides alike."""
+        t = self.config.training
+        F = self.history.rows["free_energy"]
+        if t.epochs != AUTO or len(F) <= t.stop_window:
+            return False
+        return abs(F[-1] - F[-1 - t.stop_window]) / (t.stop_window * self.grid.dim) < t.stop_tolerance
+
     def train(self) -> None:
-        epochs = self.config.training.epochs
-        for epoch in range(self.train_from, epochs + 1):
+        t = self.config.training
+        epochs = t.epoch_limit
+        for epoch in range(self.last_epoch + 1, epochs + 1):
+            if self.converged():
+                break
             t0 = time.perf_counter()
             stats = self.e_step(STAGE_TRAIN, epoch)
             sigma2 = self.model.noise_variance(self.params)
@@ -326,9 +346,17 @@ class Run:
             accepted = float(stats.get("accepted", 0.0))
             self.history.append(epoch=epoch, free_energy=free_energy, sigma2=sigma2, accepted=accepted,
                                 seconds=seconds)
-            if epoch % self.config.logging.every_epochs == 0 or epoch == epochs:
+            if epoch % self.config.logging.every_epochs == 0 or epoch == epochs or self.converged():
                 self._progress(epoch, epochs, free_energy, sigma2, accepted, seconds)
+            if self.converged():
+                log.info("training.epochs auto: the free energy per patch pixel changed by less than %.3g per epoch "
+                         "over the last %d epochs: training stops after epoch %d", t.stop_tolerance,
+                         t.stop_window, epoch)
             self._epoch_boundary("train", epoch)
+        if t.epochs == AUTO and self.last_epoch == epochs and not self.converged():
+            log.warning("training.epochs auto: not converged after training.max_epochs = %d epochs (the free energy "
+                        "still changes by more than training.stop_tolerance); raise max_epochs to train longer",
+                        epochs)
 
     def _progress(self, epoch: int, epochs: int, free_energy: float, sigma2: float, accepted: float,
                   seconds: float) -> None:
@@ -336,8 +364,8 @@ class Run:
         left = per_epoch * (epochs - epoch + self.config.estimation.epochs + 1)
         states = self.n_patches * (self.config.truncation.S if self.model.name == "sssc" else 1)
         sigma = f"sigma={np.sqrt(sigma2):.4g}" if np.isfinite(sigma2) else "sigma=n/a"
-        log.info("epoch %d/%d  F/N=%.6g  %s  accepted=%d (%.2f%%)  %.2fs  %.0f patches/s  left ~%s",
-                 epoch, epochs, free_energy, sigma, accepted, 100.0 * accepted / states, seconds,
+        log.info("epoch %d/%s  F/N=%.6g  %s  accepted=%d (%.2f%%)  %.2fs  %.0f patches/s  left ~%s",
+                 epoch, f"{epochs} (auto)" if self.config.training.epochs == AUTO else epochs, free_energy, sigma, accepted, 100.0 * accepted / states, seconds,
                  self.n_patches / seconds, _format_seconds(left))
 
     # ---------------------------------------------------------------- estimation
@@ -490,10 +518,7 @@ class Run:
             block.state = state
         self.params = {k: np.array(v, dtype=np.float64) for k, v in info["params"].items()}
         self.history = History(rows={k: [float(x) for x in v] for k, v in info["history"].items()})
-        if info["stage"] == "train":
-            self.train_from, self.estimate_from = info["epoch"] + 1, 1
-        else:
-            self.train_from, self.estimate_from = self.config.training.epochs + 1, info["epoch"] + 1
+        self.estimate_from = info["epoch"] + 1 if info["stage"] == "estimate" else 1
         self.elapsed_before = info["elapsed"]
         self.resumed_from = info["from"]
         if ckpt is not None:
@@ -548,11 +573,11 @@ def run(config: Config, comm, overwrite: bool = False, resume: Checkpoint | None
         job.restore(resume)
     else:
         job.initialise()
-    trained_here = job.train_from <= config.training.epochs
+    before = job.last_epoch
     job.train()
     if job.streaming:
-        if trained_here and config.training.epochs > 0:
-            job.save_checkpoint("train", config.training.epochs)   # a preempted estimation pass resumes here
+        if job.last_epoch > before:
+            job.save_checkpoint("train", job.last_epoch)   # a preempted estimation pass resumes here
         metadata = job.metadata(started, job.elapsed_before + time.perf_counter() - t0)
         if not job.estimate_streaming(metadata, overwrite):
             raise StopRequested(f"stopped on request during the estimation pass; checkpoint {job.checkpoint_path}; "

@@ -31,10 +31,11 @@ any moment leaves ``X`` complete (old or new) and, except between the last two r
 checksum. Leftover temporary files of killed writers are removed by the next write.
 
 Resume rules (:func:`incompatibilities`): the config must equal the checkpoint's except for ``output.*``,
-``checkpoint.*``, ``logging.*`` and the epoch counts, which may change as long as the checkpoint's position is
-still ahead: a checkpoint taken during training resumes under any ``training.epochs`` >= its epoch (raise it
-to train longer); one taken during estimation needs the same ``training.epochs`` and ``estimation.epochs`` >=
-its epoch. The input file's checksum must match. The number of ranks may change.
+``checkpoint.*``, ``logging.*``, the epoch counts and the stopping rule of ``training.epochs: auto``, which may
+change as long as the checkpoint's position is still ahead: a checkpoint taken during training resumes under
+any ``training.epochs`` (or ``max_epochs``) >= its epoch (raise it to train longer); one taken during estimation
+needs the same ``training.epochs`` (with ``auto``, the same stopping rule: :data:`TRAINING_LENGTH`) and
+``estimation.epochs`` >= its epoch. The input file's checksum must match. The number of ranks may change.
 """
 from __future__ import annotations
 
@@ -60,7 +61,9 @@ log = logging.getLogger("hpc_zsem")
 FORMAT = "hpc_zsem-checkpoint"
 FORMAT_VERSION = 1
 STAGES = ("train", "estimate")
-MAY_DIFFER = ("output.", "checkpoint.", "logging.", "training.epochs", "estimation.epochs")
+#: the keys that say how long training runs (``training.epochs``, and the stopping rule of ``epochs: auto``)
+TRAINING_LENGTH = ("training.epochs", "training.max_epochs", "training.stop_window", "training.stop_tolerance")
+MAY_DIFFER = ("output.", "checkpoint.", "logging.", "estimation.epochs", *TRAINING_LENGTH)
 _GEOMETRY = ("image_shape", "patch_size", "stride", "n_patches", "block_size")
 _STATE_CHUNK_BYTES = 1 << 20
 _TRAILER_HEAD = b"\nhpc_zsem-checkpoint sha256:"
@@ -388,14 +391,15 @@ def incompatibilities(ckpt: Checkpoint, config, input_checksum: str) -> list[str
     if ckpt.input_checksum != input_checksum:
         problems.append(f"input {config.input.path}: content differs (checksum {ckpt.input_checksum} in the "
                         f"checkpoint, {input_checksum} now)")
-    old_train = old.get("training.epochs")
-    if ckpt.stage == "train" and ckpt.epoch > config.training.epochs:
-        problems.append(f"training.epochs: the checkpoint is at training epoch {ckpt.epoch}, beyond "
-                        f"training.epochs = {config.training.epochs}")
+    if ckpt.stage == "train" and ckpt.epoch > config.training.epoch_limit:
+        key = "training.max_epochs" if config.training.epochs == "auto" else "training.epochs"
+        problems.append(f"{key}: the checkpoint is at training epoch {ckpt.epoch}, beyond "
+                        f"{key} = {config.training.epoch_limit}")
     if ckpt.stage == "estimate":
-        if old_train != config.training.epochs:
-            problems.append(f"training.epochs: {old_train!r} in the checkpoint, {config.training.epochs!r} now (the "
-                            "checkpoint was taken after training, in the estimation stage)")
+        for key in TRAINING_LENGTH if config.training.epochs == "auto" else TRAINING_LENGTH[:1]:
+            if old.get(key, "<absent>") != new.get(key, "<absent>"):
+                problems.append(f"{key}: {old.get(key, '<absent>')!r} in the checkpoint, {new.get(key)!r} now (the "
+                                "checkpoint was taken after training, in the estimation stage)")
         if ckpt.epoch > config.estimation.epochs:
             problems.append(f"estimation.epochs: the checkpoint is at estimation epoch {ckpt.epoch}, beyond "
                             f"estimation.epochs = {config.estimation.epochs}")
