@@ -1,4 +1,5 @@
-"""The ``hpc-zsem`` command: ``run`` a config, show ``info`` on a result file, ``export`` images.
+"""The ``hpc-zsem`` command: ``run`` a config, show ``info`` on a result file, ``export`` images, print a
+``slurm`` job script, show the ``config`` schema or a resolved config.
 
 Exit codes: 0 success, 2 bad config/input/output (one-line message, nothing written), 1 unexpected error
 (traceback; under MPI every rank is aborted), 75 stopped by SIGUSR1/SIGTERM after writing a checkpoint (run
@@ -15,7 +16,7 @@ import sys
 import numpy as np
 
 from hpc_zsem import __version__
-from hpc_zsem.errors import HpcZsemError
+from hpc_zsem.errors import ConfigError, HpcZsemError
 
 EXIT_INTERRUPTED = 130    # 128 + SIGINT
 EXIT_BROKEN_PIPE = 141    # 128 + SIGPIPE
@@ -163,6 +164,45 @@ def _cmd_slurm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config(args: argparse.Namespace) -> int:
+    """``hpc-zsem config``: every config key with its default, bounds and meaning; with CONFIG or ``--preset``
+    that config fully resolved (defaults filled in, ``--set`` applied) as YAML."""
+    from hpc_zsem.config import load_config, schema_help
+
+    if args.config is None:
+        if args.set:
+            raise ConfigError("--set: needs a CONFIG file or --preset NAME to apply to")
+        print(schema_help())
+    else:
+        print(load_config(args.config, args.set).to_yaml(), end="")
+    return 0
+
+
+def _choose_config(args: argparse.Namespace) -> None:
+    """Put the file of ``--preset NAME`` into ``args.config``; a one-line ConfigError (listing the presets)
+    unless exactly one of CONFIG and ``--preset`` is given (``hpc-zsem config`` also takes neither)."""
+    from hpc_zsem.presets import preset_names, preset_path
+
+    if args.config is not None and args.preset is not None:
+        raise ConfigError(f"give a CONFIG file or --preset NAME, not both (got {args.config!r} and --preset "
+                          f"{args.preset!r})")
+    if args.preset is not None:
+        args.config = str(preset_path(args.preset))
+    elif args.config is None and args.command != "config":
+        raise ConfigError(f"expected a CONFIG file or --preset NAME (presets: {', '.join(preset_names())})")
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The optional CONFIG file and ``--preset NAME`` (one of them; see :func:`_choose_config`)."""
+    from hpc_zsem.presets import preset_names
+
+    parser.add_argument("config", nargs="?", metavar="CONFIG",
+                        help="YAML config file (all keys, defaults and bounds: hpc-zsem config)")
+    parser.add_argument("--preset", metavar="NAME",
+                        help=f"a preset from configs/ instead of CONFIG: {', '.join(preset_names())} (its full "
+                             "config: hpc-zsem config --preset NAME)")
+
+
 def _count(lowest: int):
     """An argparse type: an integer >= ``lowest``."""
     def parse(text: str) -> int:
@@ -184,8 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hpc-zsem {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="learn a model of a noisy image and write its mean/variance images")
-    run.add_argument("config", help="YAML config file")
+    run = sub.add_parser("run", help="learn a model of a noisy image and write its mean/variance images",
+                         description="Learn a model of a noisy image and write its mean/variance images. Every "
+                                     "config key with its default, bounds and meaning: hpc-zsem config; a "
+                                     "preset's full config: hpc-zsem config --preset NAME.")
+    _add_config_arguments(run)
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP)
     run.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     run.add_argument("--restart", action="store_true",
@@ -201,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     slurm = sub.add_parser("slurm", help="print a SLURM job script from jobs/ filled in for a config "
                                           "(ranks, time, memory estimate)")
-    slurm.add_argument("config", help="YAML config file")
+    _add_config_arguments(slurm)
     slurm.add_argument("--template", default="long_requeue",
                        help="long_requeue (default), single_node, multi_node or array (see jobs/README.md)")
     slurm.add_argument("--ranks", type=int, default=4, help="MPI ranks (default 4)")
@@ -212,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="config override, also passed on to the job (repeatable)")
     slurm.set_defaults(func=_cmd_slurm)
 
+    config = sub.add_parser("config", help="print every config key with its default, bounds and meaning, or "
+                                           "a config (CONFIG or --preset) fully resolved as YAML")
+    _add_config_arguments(config)
+    config.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP)
+    config.set_defaults(func=_cmd_config)
+
     export.add_parser(sub)
     return parser
 
@@ -219,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "preset"):
+            _choose_config(args)
         return args.func(args)
     except HpcZsemError as exc:
         print(f"hpc-zsem: error: {exc}", file=sys.stderr)

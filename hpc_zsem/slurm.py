@@ -67,8 +67,10 @@ PARTS = {
 
 
 def template_dir() -> Path:
-    """``jobs/`` of the source tree this package was installed from (editable installs and checkouts)."""
-    return Path(__file__).resolve().parents[1] / "jobs"
+    """The job templates: ``jobs/`` as shipped in the package, or of the checkout (:mod:`hpc_zsem.presets`)."""
+    from hpc_zsem.presets import jobs_dir
+
+    return jobs_dir()
 
 
 def memory_estimate(config, ranks: int) -> tuple[dict[str, int], int]:

@@ -69,7 +69,7 @@ def test_unknown_key_suggests(tmp_path):
 
 def test_wrong_type_names_key_and_source(tmp_path):
     path = write(tmp_path, "input: {path: a.tif}\noutput: {path: r.h5}\ntraining: {epochs: many}\n")
-    assert error(path) == f"{path}: training.epochs: expected an integer in [0, 1000000], got 'many'"
+    assert error(path) == f"{path}: training.epochs: expected an integer in [0, 1000000] or 'auto', got 'many'"
     assert error(path, ["training.epochs=3", "model.H=x"]).startswith("--set: model.H: expected an integer")
 
 
