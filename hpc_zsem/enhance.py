@@ -12,7 +12,11 @@
   mask — masked pixels in one colour (cells: blue), the others in another (yellow).
 * Panels (the paper's Fig. 2): images side by side, each under a title strip; a title wider than its image
   is set in a smaller font (down to 7 px where Pillow has FreeType), then abbreviated, so titles never
-  reach into the neighbouring column.
+  reach into the neighbouring column. :func:`panel_canvas` gives the empty panel and where each image goes.
+
+Bounded memory: :func:`stretch`, :func:`apply_colormap` and :func:`two_tone` take ``out=`` to write into a
+given array (the input itself, or a band of a larger image) and keep their temporaries to about one float32
+plane of their input, so a caller can render a large image band by band (see :mod:`hpc_zsem.export`).
 """
 from __future__ import annotations
 
@@ -63,26 +67,32 @@ def stretch_limits(img: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5
     if not 0.0 <= low_pct < high_pct <= 100.0:
         raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {low_pct} and {high_pct}")
     values = np.asarray(img)
-    finite = values[np.isfinite(values)]
+    finite = values[np.isfinite(values)]   # a copy, so the percentiles may partition it in place
     if finite.size == 0:
         return 0.0, 0.0
-    lo, hi = np.percentile(finite, [low_pct, high_pct])
+    lo, hi = np.percentile(finite, [low_pct, high_pct], overwrite_input=True)
     return float(lo), float(hi)
 
 
-def stretch(img: np.ndarray, lo: float, hi: float, gamma: float = 1.0) -> np.ndarray:
+def stretch(img: np.ndarray, lo: float, hi: float, gamma: float = 1.0, out: np.ndarray | None = None) -> np.ndarray:
     """Map ``lo`` to 0 and ``hi`` to 1 linearly, clip to [0, 1], then apply ``x ** (1 / gamma)`` (float32).
 
-    gamma > 1 brightens the mid-tones; NaN and -inf map to 0, +inf to 1; ``hi <= lo`` gives all zeros.
+    gamma > 1 brightens the mid-tones; NaN and -inf map to 0, +inf to 1; ``hi <= lo`` gives all zeros. The
+    result is written into ``out`` (a float32 array of the image's shape, which may be ``img`` itself, to
+    stretch in place) if given, else into a new array.
     """
     if gamma <= 0:
         raise ValueError(f"gamma must be positive, got {gamma}")
     values = np.asarray(img, dtype=np.float32)
+    x = np.empty(values.shape, dtype=np.float32) if out is None else out
     if hi <= lo:
-        return np.zeros(values.shape, dtype=np.float32)
-    x = np.nan_to_num((values - lo) / (hi - lo), nan=0.0, posinf=1.0, neginf=0.0)
-    np.clip(x, 0.0, 1.0, out=x)
-    return x if gamma == 1.0 else np.power(x, 1.0 / gamma, dtype=np.float32)
+        x[...] = 0.0
+        return x
+    np.subtract(values, lo, out=x)   # every step works in x: no temporary of the image's size
+    x /= hi - lo
+    np.clip(x, 0.0, 1.0, out=x)   # +inf → 1, -inf → 0; NaN stays NaN ...
+    np.copyto(x, 0.0, where=np.isnan(x))   # ... and becomes 0
+    return x if gamma == 1.0 else np.power(x, 1.0 / gamma, out=x)
 
 
 def contrast_stretch(img: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5,
@@ -93,8 +103,10 @@ def contrast_stretch(img: np.ndarray, low_pct: float = 0.5, high_pct: float = 99
 
 def _quantize(x01: np.ndarray, dtype: type) -> np.ndarray:
     """Round ``x01`` (clipped to [0, 1]) onto the full range of the unsigned integer ``dtype``."""
-    top = np.iinfo(dtype).max
-    return np.round(np.clip(x01, 0.0, 1.0) * top).astype(dtype)
+    x = np.clip(x01, 0.0, 1.0)   # the only float temporary: scaled and rounded in place
+    x *= np.iinfo(dtype).max
+    np.rint(x, out=x)
+    return x.astype(dtype)
 
 
 def to_uint8(x01: np.ndarray) -> np.ndarray:
@@ -123,9 +135,15 @@ def colormap_lut(name: str) -> np.ndarray:
     return lut
 
 
-def apply_colormap(x01: np.ndarray, name: str = "gray") -> np.ndarray:
-    """Colour a [0, 1] image with the colour map ``name``: shape (..., 3) uint8."""
-    return colormap_lut(name)[to_uint8(x01)]
+def apply_colormap(x01: np.ndarray, name: str = "gray", out: np.ndarray | None = None) -> np.ndarray:
+    """Colour a [0, 1] image with the colour map ``name``: shape (..., 3) uint8, written into ``out`` if given
+    (e.g. a band of a larger image, so no coloured copy is made)."""
+    lut, index = colormap_lut(name), to_uint8(x01)
+    if out is None:
+        out = np.empty(index.shape + (3,), dtype=np.uint8)
+    for channel in range(3):   # per channel: no (..., 3) temporary, no index array widened to intp
+        out[..., channel] = lut[:, channel][index]
+    return out
 
 
 def threshold_mask(img: np.ndarray, threshold: float) -> np.ndarray:
@@ -134,18 +152,27 @@ def threshold_mask(img: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def two_tone(variance01: np.ndarray, mask: np.ndarray, inside: Sequence[int] = BLUE,
-             outside: Sequence[int] = YELLOW) -> np.ndarray:
-    """Two-tone rendering (Y, X, 3) uint8: pixel = brightness × colour.
+             outside: Sequence[int] = YELLOW, out: np.ndarray | None = None) -> np.ndarray:
+    """Two-tone rendering (Y, X, 3) uint8: pixel = brightness × colour, written into ``out`` if given.
 
-    ``variance01`` is the contrast-enhanced variance image in [0, 1] (the brightness); ``mask`` (nonzero =
-    inside, same shape) picks the colour: ``inside`` for masked pixels, ``outside`` for the rest.
+    ``variance01`` is the contrast-enhanced variance image in [0, 1] (the brightness; values outside are
+    clipped, NaN is black); ``mask`` (nonzero = inside, same shape) picks the colour: ``inside`` for masked
+    pixels, ``outside`` for the rest.
     """
-    brightness = np.clip(np.asarray(variance01, dtype=np.float32), 0.0, 1.0)
-    mask = np.asarray(mask)
-    if mask.shape != brightness.shape:
-        raise ValueError(f"mask shape {mask.shape} does not match image shape {brightness.shape}")
-    colours = np.where(mask[..., None] != 0, np.asarray(inside, np.float32), np.asarray(outside, np.float32))
-    return np.round(brightness[..., None] * colours).astype(np.uint8)
+    brightness = np.asarray(variance01, dtype=np.float32)
+    if brightness.size and not (brightness.min() >= 0.0 and brightness.max() <= 1.0):   # NaN fails too
+        brightness = np.clip(brightness, 0.0, 1.0)
+        np.copyto(brightness, 0.0, where=np.isnan(brightness))
+    inner = np.asarray(mask) != 0
+    if inner.shape != brightness.shape:
+        raise ValueError(f"mask shape {inner.shape} does not match image shape {brightness.shape}")
+    if out is None:
+        out = np.empty(brightness.shape + (3,), dtype=np.uint8)
+    for channel, (a, b) in enumerate(zip(inside, outside)):   # per channel: float temporaries of one plane
+        value = np.where(inner, np.float32(a), np.float32(b))
+        value *= brightness
+        out[..., channel] = np.rint(value, out=value)
+    return out
 
 
 def _as_rgb(img: np.ndarray) -> np.ndarray:
@@ -190,6 +217,34 @@ def fit_title(title: str, width: int) -> tuple[str, ImageFont.ImageFont | ImageF
     return "", fonts[-1]
 
 
+def panel_canvas(tiles: Sequence[tuple[str, tuple[int, int]]], pad: int = 8,
+                 background: Sequence[int] = (255, 255, 255), text: Sequence[int] = (0, 0, 0),
+                 ) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """The empty panel for images of the given (height, width), titles drawn: ``(canvas, origins)``.
+
+    ``tiles`` is a list of (title, (height, width)); ``canvas`` is the (H, W, 3) uint8 panel filled with
+    ``background`` and ``origins`` the (y, x) of each image's top-left corner in it, so a caller can paint the
+    images in place (band by band) instead of holding them all. Layout as in :func:`panel`.
+    """
+    if not tiles:
+        raise ValueError("panel needs at least one image")
+    title_height = _title_fonts()[0].getbbox("Ag")[3] + pad
+    width = sum(w for _, (_, w) in tiles) + pad * (len(tiles) + 1)
+    height = 2 * pad + title_height + max(h for _, (h, _) in tiles)
+    strip = Image.new("RGB", (width, pad + title_height), tuple(background))
+    draw = ImageDraw.Draw(strip)
+    origins, x = [], pad
+    for title, (_, w) in tiles:
+        label, font = fit_title(title, w)
+        draw.text((x, pad), label, fill=tuple(text), font=font)
+        origins.append((pad + title_height, x))
+        x += w + pad
+    canvas = np.empty((height, width, 3), dtype=np.uint8)
+    canvas[:] = np.asarray(background, dtype=np.uint8)
+    canvas[:strip.height] = np.asarray(strip)
+    return canvas, origins
+
+
 def panel(images: Sequence[tuple[str, np.ndarray]], pad: int = 8, background: Sequence[int] = (255, 255, 255),
           text: Sequence[int] = (0, 0, 0)) -> np.ndarray:
     """Images side by side, top-aligned, each under its title (Pillow's default font): (H, W, 3) uint8.
@@ -198,18 +253,9 @@ def panel(images: Sequence[tuple[str, np.ndarray]], pad: int = 8, background: Se
     and surround the panel, so W = Σ widths + (n + 1)·pad and H = pad + title strip + max height + pad. Each
     title is fitted into the width of its image (:func:`fit_title`), so titles never overlap.
     """
-    if not images:
-        raise ValueError("panel needs at least one image")
     tiles = [_as_rgb(img) for _, img in images]
-    title_height = _title_fonts()[0].getbbox("Ag")[3] + pad
-    width = sum(tile.shape[1] for tile in tiles) + pad * (len(tiles) + 1)
-    height = 2 * pad + title_height + max(tile.shape[0] for tile in tiles)
-    canvas = Image.new("RGB", (width, height), tuple(background))
-    draw = ImageDraw.Draw(canvas)
-    x = pad
-    for (title, _), tile in zip(images, tiles):
-        label, font = fit_title(title, tile.shape[1])
-        draw.text((x, pad), label, fill=tuple(text), font=font)
-        canvas.paste(Image.fromarray(tile), (x, pad + title_height))
-        x += tile.shape[1] + pad
-    return np.asarray(canvas)
+    canvas, origins = panel_canvas([(title, tile.shape[:2]) for (title, _), tile in zip(images, tiles)], pad,
+                                   background, text)
+    for (y, x), tile in zip(origins, tiles):
+        canvas[y:y + tile.shape[0], x:x + tile.shape[1]] = tile
+    return canvas

@@ -1,20 +1,36 @@
-"""The ``export`` subcommand: a result HDF5 file (``/mean``, ``/variance``, optional ``/input``) to TIFF and PNG.
+"""The ``export`` subcommand: a result HDF5 file (``/mean``, ``/variance``, optional ``/input``) to TIFF,
+OME-TIFF and PNG.
 
-Files, in ``--out`` (default ``<result dir>/<stem>_export/``), ``<stem>`` being the result file's stem:
+Files, in ``--out`` (default ``<result dir>/<stem>_export/``), ``<stem>`` being the result file's stem; which
+ones is chosen by ``--format``, a comma-separated list of ``tiff``, ``png``, ``ome-tiff`` (``both``, the
+default, is ``tiff,png``):
 
-* ``<stem>_mean.tif``, ``<stem>_variance.tif`` — float32: exactly the HDF5 values; uint16: the linear
-  percentile stretch (``--low``/``--high``; the gamma is for display and not applied);
-* ``<stem>_mean.png``, ``<stem>_variance.png`` — 8-bit stretch with gamma, coloured with ``--cmap``;
+* ``tiff``: ``<stem>_mean.tif``, ``<stem>_variance.tif`` — float32: exactly the HDF5 values; uint16: the
+  linear percentile stretch (``--low``/``--high``; the gamma is for display and not applied). When the result
+  knows its pixel size (the ``element_size_um`` attribute of ``/mean``) the TIFF is calibrated for Fiji, see
+  :func:`tiff_calibration`;
+* ``png``: ``<stem>_mean.png``, ``<stem>_variance.png`` — 8-bit stretch with gamma, coloured with ``--cmap``;
+* ``ome-tiff``: ``<stem>_mean.ome.tif``, ``<stem>_variance.ome.tif`` and ``<stem>_input.ome.tif`` (if
+  ``/input`` is stored) — one OME-TIFF per image holding *all* selected sections as pages (axes ZYX, or YX for
+  a 2-D result), values as for ``tiff``, with the physical pixel size in µm, see :func:`ome_metadata`;
 * ``<stem>_variance_twotone.png`` — with ``--mask`` or ``--threshold``: the paper's Fig. 1 colouring;
 * ``<stem>_panel.png`` — with ``--panel``: noisy input | mean | variance (no noisy tile if ``/input`` is absent).
 
-Volumes (Z, Y, X) give one file of each kind per selected section, with the suffix ``_z<index>`` before the
-extension (zero-padded to at least 3 digits, e.g. ``<stem>_mean_z003.tif``); TIFFs too are one page per file.
-The stretch limits of each image (input, mean, variance) are the percentiles over all selected sections
-together, so the sections of one export share one grey scale. A ``--mask`` is an image (TIFF, or anything
-Pillow reads; nonzero = inside) of the section shape, applied to every section, or of the volume shape;
-``--threshold`` puts the pixels whose *mean* exceeds the value inside. Nothing is written if any output
-exists, unless ``--overwrite``.
+Volumes (Z, Y, X) give one file of each kind, except the OME-TIFFs, per selected section, with the suffix
+``_z<index>`` before the extension (zero-padded to at least 3 digits, e.g. ``<stem>_mean_z003.tif``); those
+TIFFs too are one page per file. A ``--mask`` is an image (TIFF, or anything Pillow reads; nonzero = inside)
+of the section shape, applied to every section, or of the volume shape (a TIFF stack, read one page per
+section where it is stored so); ``--threshold`` puts the pixels whose *mean* exceeds the value inside. Nothing is written if any
+output exists, unless ``--overwrite``.
+
+Memory is bounded by about one section, not the volume: the images are read band by band (one row of HDF5
+chunks, or about :data:`BAND_PIXELS` pixels of whole rows for an unchunked dataset) and TIFFs are written
+band by band as TIFF strips, so a TIFF of a huge 2-D section needs about one band. A PNG or a panel is built
+whole in memory (Pillow encodes whole images) but painted band by band. The stretch limits of each image
+(input, mean, variance) are shared by the sections of one export — one grey scale — and computed in a first
+pass from a sample, see :func:`sample_pixels`: exact percentiles when the selected sections have at most
+:data:`SAMPLE_PIXELS` pixels, an estimate from a bounded, deterministic sample otherwise. The second pass
+writes the files; each file re-reads the bands it needs (more decompression, bounded memory).
 
 Writing is all or nothing: every file is first written (and fsynced) as ``<name>.tmp-<pid>`` beside its final
 name, and only when all of them are complete are they renamed into place. A failure before that — an
@@ -27,12 +43,14 @@ other exceptions are crashes (traceback, exit code 1).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 import h5py
 import numpy as np
@@ -43,35 +61,46 @@ from hpc_zsem import enhance
 from hpc_zsem.errors import ConfigError, InputError, OutputError
 from hpc_zsem.io.results import open_result
 
+KINDS = ("input", "mean", "variance")
 TITLES = {"input": "noisy input", "mean": "mean (denoised)", "variance": "variance"}
+FORMATS = ("tiff", "png", "ome-tiff")
+
+SAMPLE_PIXELS = 1 << 18
+"""At most this many pixels per image estimate the stretch limits (1 MiB of float32): with n = 2**18 the
+standard error of the rank of the 0.5 % percentile is sqrt(p (1 - p) / n) ≈ 0.014 percentage points for
+independent pixels (more for pixels correlated within a block)."""
+SAMPLE_BLOCKS = 256
+"""At most this many chunk-aligned blocks are read per image to draw the sample (spread over all sections)."""
+SAMPLE_SEED = 0
+"""Seed of the sampling: the same file and options give the same limits."""
+BAND_PIXELS = 1 << 16
+"""Pixels per band (whole rows) of an unchunked dataset; a chunked one is read one row of chunks at a time."""
+BIGTIFF_BYTES = 2**32 - 2**25
+"""Image data above this size need BigTIFF (tifffile's own threshold for ``imwrite``)."""
+UM = "µm"
 
 
-@dataclass
-class Section:
-    """What the renderers need for one section: raw images, shared stretch limits, options, the mask."""
-
-    raw: dict[str, np.ndarray]
-    limits: dict[str, tuple[float, float]]
-    args: argparse.Namespace
-    mask: np.ndarray | None
-
-    def display(self, kind: str) -> np.ndarray:
-        """The image ``kind`` stretched to [0, 1] with the display gamma."""
-        return enhance.stretch(self.raw[kind], *self.limits[kind], gamma=self.args.gamma)
-
-    def coloured(self, kind: str) -> np.ndarray:
-        """The image ``kind`` stretched and coloured with ``--cmap``: (Y, X, 3) uint8."""
-        return enhance.apply_colormap(self.display(kind), self.args.cmap)
+def _formats(text: str) -> frozenset[str]:
+    """The ``--format`` value: a set of :data:`FORMATS` from a comma-separated list ("both" = tiff, png)."""
+    chosen = set()
+    for item in text.split(","):
+        item = item.strip()
+        if item not in FORMATS + ("both",):
+            raise argparse.ArgumentTypeError(f"{item!r}: expected a comma-separated list of "
+                                             f"{', '.join(FORMATS)} or both")
+        chosen.update(("tiff", "png") if item == "both" else (item,))
+    return frozenset(chosen)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the ``export`` subcommand on ``subparsers``; its ``func`` default is :func:`main`."""
-    p = subparsers.add_parser("export", help="write TIFF/PNG images of a result file",
+    p = subparsers.add_parser("export", help="write TIFF/PNG/OME-TIFF images of a result file",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("result", help="result HDF5 file written by `hpc-zsem run`")
     p.add_argument("--out", help="output directory (default: <result dir>/<stem>_export/)")
-    p.add_argument("--format", choices=("tiff", "png", "both"), default="both",
-                   help="which mean/variance files to write (default: both)")
+    p.add_argument("--format", type=_formats, default="both",
+                   help="comma-separated: tiff (per section), png (per section), ome-tiff (one multi-page file "
+                        "per image, with the pixel size); both = tiff,png (default: both)")
     p.add_argument("--tiff-dtype", choices=("float32", "uint16"), default="float32",
                    help="float32: exact values; uint16: linear percentile stretch (default: float32)")
     p.add_argument("--low", type=float, default=0.5, help="percentile mapped to black (default: 0.5)")
@@ -108,18 +137,6 @@ def _parse_sections(spec: str, depth: int | None, path: Path) -> list[int | None
     return indices
 
 
-def _read_stack(dataset: h5py.Dataset, sections: list[int | None], path: Path) -> np.ndarray:
-    """The selected sections of ``dataset`` as a float32 (S, Y, X) stack; InputError naming the file and the
-    dataset if HDF5 cannot read them (e.g. a corrupt chunk that does not decompress)."""
-    try:
-        if sections == [None]:
-            return np.asarray(dataset[()], dtype=np.float32)[None]
-        return np.stack([np.asarray(dataset[z], dtype=np.float32) for z in sections])
-    except (OSError, RuntimeError) as exc:
-        reason = " ".join(str(exc).split())
-        raise InputError(f"{path}: dataset {dataset.name} cannot be read ({reason}); the file is corrupt") from None
-
-
 def _check_result(f: h5py.File, path: Path) -> tuple[int, ...]:
     """Check the image shapes of an open result file; return the image shape (Y, X) or (Z, Y, X)."""
     shape = f["mean"].shape
@@ -131,94 +148,316 @@ def _check_result(f: h5py.File, path: Path) -> tuple[int, ...]:
     return shape
 
 
-def read_result(path: Path, spec: str) -> tuple[dict[str, np.ndarray], list[int | None], tuple[int, ...]]:
-    """Read the selected sections of a result file.
+def _um(value: float) -> float:
+    """A length in µm at float32 precision (that of ``element_size_um`` as :mod:`hpc_zsem.io.volumes` stores
+    it), as the float of its shortest decimal form: 0.03, not 0.029999999329447746."""
+    return float(np.format_float_positional(np.float32(value), trim="-"))
 
-    Returns the stacks (S, Y, X) by name ("mean", "variance" and, if stored, "input"), the section indices
-    (``[None]`` for a 2-D result) and the full image shape.
+
+def _element_size(dataset: h5py.Dataset) -> tuple[float, ...] | None:
+    """The ``element_size_um`` attribute of ``dataset`` (µm per axis, Z first) if it holds one finite positive
+    number per axis; None if it is absent or malformed (the export is then uncalibrated)."""
+    try:
+        values = np.ravel(dataset.attrs.get("element_size_um", []))
+    except (OSError, TypeError, ValueError):
+        return None
+    if values.dtype.kind not in "fiu" or len(values) != dataset.ndim:
+        return None
+    if not np.all(np.isfinite(values) & (values > 0)):
+        return None
+    return tuple(_um(v) for v in values)
+
+
+def _block_shape(dataset: h5py.Dataset) -> tuple[int, int]:
+    """(rows, columns) of one read block: a chunk's (Y, X) for a chunked dataset, so every read decompresses
+    whole chunks once; whole rows of about :data:`BAND_PIXELS` pixels for an unchunked one."""
+    if dataset.chunks is not None:
+        return tuple(dataset.chunks[-2:])
+    width = dataset.shape[-1]
+    return max(1, BAND_PIXELS // max(width, 1)), width
+
+
+class Result:
+    """An open result file: its shape, selected sections and pixel size, and its images read as float32
+    blocks (a band of rows of one section) on demand."""
+
+    def __init__(self, f: h5py.File, path: Path, spec: str):
+        self.path = path
+        self.shape = _check_result(f, path)
+        self.volume = len(self.shape) == 3
+        self.sections = _parse_sections(spec, self.shape[0] if self.volume else None, path)
+        self.datasets = {kind: f[kind] for kind in KINDS if kind in f}
+        self.height, self.width = self.shape[-2:]
+        self.band_rows = _block_shape(self.datasets["mean"])[0]
+        self.bands = [slice(y, min(y + self.band_rows, self.height)) for y in range(0, self.height, self.band_rows)]
+        self.pixel_size = _element_size(self.datasets["mean"])
+
+    def read(self, kind: str, z: int | None, rows: slice = slice(None), cols: slice = slice(None)) -> np.ndarray:
+        """Rows ``rows`` and columns ``cols`` of section ``z`` (None: the 2-D image) of image ``kind`` as
+        float32; InputError naming the file and the dataset if HDF5 cannot read them (e.g. a corrupt chunk)."""
+        dataset = self.datasets[kind]
+        try:
+            return np.asarray(dataset[(rows, cols) if z is None else (z, rows, cols)], dtype=np.float32)
+        except (OSError, RuntimeError) as exc:
+            reason = " ".join(str(exc).split())
+            raise InputError(f"{self.path}: dataset {dataset.name} cannot be read ({reason}); "
+                             "the file is corrupt") from None
+
+
+def sample_pixels(result: Result, kind: str) -> np.ndarray:
+    """The finite pixels of image ``kind`` over the selected sections, or a bounded sample of them (float32).
+
+    If the selected sections hold at most :data:`SAMPLE_PIXELS` pixels, all of them (the percentiles are then
+    exact). Otherwise up to :data:`SAMPLE_BLOCKS` chunk-aligned blocks (see :func:`_block_shape`) are drawn at
+    random without replacement from all blocks of all selected sections and read in file order, and from each
+    block ``SAMPLE_PIXELS / blocks`` pixels (fewer from a partial edge block, in proportion to its size; the
+    whole block if it is not larger) are drawn at random with replacement. The generator is seeded with
+    :data:`SAMPLE_SEED`, so the sample — and the grey scale — is deterministic. Memory: the sample plus one
+    block.
     """
-    with open_result(path) as f:
-        shape = _check_result(f, path)
-        sections = _parse_sections(spec, shape[0] if len(shape) == 3 else None, path)
-        stacks = {name: _read_stack(f[name], sections, path) for name in ("input", "mean", "variance") if name in f}
-    return stacks, sections, shape
+    block_rows, block_cols = _block_shape(result.datasets[kind])
+    grid = (len(result.sections), -(-result.height // block_rows), -(-result.width // block_cols))
+    total = len(result.sections) * result.height * result.width
+    rng = np.random.default_rng(SAMPLE_SEED)
+    if total <= SAMPLE_PIXELS:
+        picks, per_block = range(math.prod(grid)), None
+    else:
+        count = min(math.prod(grid), SAMPLE_BLOCKS)
+        picks, per_block = np.sort(rng.choice(math.prod(grid), size=count, replace=False)), SAMPLE_PIXELS // count
+    sample = np.empty(min(total, SAMPLE_PIXELS), dtype=np.float32)
+    filled = 0
+    for index in picks:
+        s, by, bx = (int(i) for i in np.unravel_index(index, grid))
+        block = result.read(kind, result.sections[s], slice(by * block_rows, (by + 1) * block_rows),
+                            slice(bx * block_cols, (bx + 1) * block_cols)).ravel()
+        quota = block.size if per_block is None else -(-per_block * block.size // (block_rows * block_cols))
+        if quota < block.size:
+            block = block[rng.integers(0, block.size, quota)]
+        block = block[np.isfinite(block)]
+        sample[filled:filled + block.size] = block
+        filled += block.size
+    return sample[:filled]
 
 
-def _read_mask_image(path: Path) -> np.ndarray:
-    """A mask image as a boolean array (nonzero = inside): TIFF via tifffile, other formats via Pillow."""
+@contextmanager
+def _reading_mask(path: Path) -> Iterator[None]:
+    """Turn a failure to read the mask image ``path`` into a one-line InputError."""
     if not path.is_file():
         raise InputError(f"{path}: no such mask file")
     try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            return tifffile.imread(path) != 0
-        with Image.open(path) as img:
-            return np.asarray(img.convert("L")) != 0
+        yield
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: cannot read the mask image ({exc})") from None
 
 
-def _masks(args: argparse.Namespace, stacks: dict[str, np.ndarray], sections: list[int | None],
-           shape: tuple[int, ...]) -> list[np.ndarray] | None:
-    """Per-section masks from ``--mask`` or ``--threshold``, or None if neither is given."""
+def _is_tiff(path: Path) -> bool:
+    """Whether the mask ``path`` is read with tifffile (by its extension) rather than Pillow."""
+    return path.suffix.lower() in (".tif", ".tiff")
+
+
+def _mask_layout(path: Path) -> tuple[tuple[int, ...], bool]:
+    """The shape of the mask image ``path``, read without its pixels — (Y, X), or (Z, Y, X) for a TIFF stack —
+    and whether it is a TIFF stack stored one page per section (then read page by page)."""
+    with _reading_mask(path):
+        if _is_tiff(path):
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                return tuple(series.shape), len(series.shape) == 3 and len(series.pages) == series.shape[0]
+        with Image.open(path) as img:
+            return (img.height, img.width), False
+
+
+def _read_mask_image(path: Path, page: int | None = None) -> np.ndarray:
+    """A mask image (or page ``page`` of a TIFF stack) as a boolean array (nonzero = inside): TIFF via
+    tifffile, other formats via Pillow."""
+    with _reading_mask(path):
+        if _is_tiff(path):
+            return tifffile.imread(path, series=0, key=page) != 0
+        with Image.open(path) as img:
+            return np.asarray(img.convert("L")) != 0
+
+
+def _mask_reader(args: argparse.Namespace, result: Result) -> Callable[[int | None], np.ndarray] | None:
+    """The per-section mask of the two-tone PNG — a function of the section giving a (Y, X) bool array — from
+    ``--mask`` or ``--threshold``, or None if neither is given. A mask of the section shape is read once; one
+    of the volume shape page by page (at once if it is not stored one page per section); a threshold is
+    applied to the mean band by band."""
     if args.threshold is not None:
-        return list(enhance.threshold_mask(stacks["mean"], args.threshold))
+        def above(z: int | None) -> np.ndarray:
+            mask = np.empty((result.height, result.width), dtype=bool)
+            for rows in result.bands:
+                mask[rows] = enhance.threshold_mask(result.read("mean", z, rows), args.threshold)
+            return mask
+        return above
     if args.mask is None:
         return None
     path = Path(args.mask)
-    mask = _read_mask_image(path)
-    if mask.shape == shape[-2:]:
-        return [mask] * len(sections)
-    if mask.shape == shape:
-        return [mask[z] for z in sections]
-    raise InputError(f"{path}: mask shape {mask.shape} does not match the result's image shape {shape}")
+    shape, paged = _mask_layout(path)
+    if shape == result.shape[-2:]:
+        mask = _read_mask_image(path)
+        return lambda z: mask
+    if shape == result.shape:
+        return functools.partial(_read_mask_image, path) if paged else _read_mask_image(path).__getitem__
+    raise InputError(f"{path}: mask shape {shape} does not match the result's image shape {result.shape}")
 
 
-def _write_tiff(fh: BinaryIO, data: np.ndarray) -> None:
-    """Write one TIFF page to the open binary file ``fh``."""
-    tifffile.imwrite(fh, data)
+def tiff_calibration(pixel_size: tuple[float, ...] | None, bigtiff: bool) -> dict:
+    """``tifffile.imwrite`` options that record the pixel size (µm; (…, Y, X)) in a plain TIFF; {} if unknown.
+
+    Fiji's own TIFF reader (File › Open, drag and drop) takes the pixel width and height from the XResolution
+    and YResolution tags (pixels per unit) and the unit from an ImageJ description (``unit=um``); with the
+    TIFF ResolutionUnit CENTIMETER alone it shows "cm" (e.g. 5e-07 cm for 5 nm). So the TIFF is written in
+    ImageJ format (``imagej=True``, resolution in pixels per µm, ``metadata={'unit': 'um'}``; tifffile's
+    documented way to write a calibrated ImageJ image) and opens calibrated in µm. ImageJ files cannot be
+    BigTIFF, so a TIFF above 4 GB (:data:`BIGTIFF_BYTES`) gets the standard TIFF tags instead — resolution in
+    pixels per cm, ResolutionUnit CENTIMETER — which Bio-Formats (Fiji's reader for BigTIFF) converts to µm.
+    """
+    if pixel_size is None:
+        return {}
+    dy, dx = pixel_size[-2:]
+    if bigtiff:
+        return {"resolution": (1e4 / dx, 1e4 / dy), "resolutionunit": "CENTIMETER"}
+    return {"imagej": True, "resolution": (1.0 / dx, 1.0 / dy), "metadata": {"unit": "um"}}
 
 
-def _write_png(fh: BinaryIO, data: np.ndarray) -> None:
+def ome_metadata(result: Result, sections: list[int | None], name: str) -> dict:
+    """The OME metadata of the OME-TIFF ``name`` of ``sections`` (tifffile's ``metadata`` for ``ome=True``).
+
+    The image name ``name``, axes "ZYX" (a volume; one page per selected section) or "YX"; with a known pixel
+    size, PhysicalSizeX/Y in µm and, for a volume, every plane's PositionZ (section index × Z size, µm) and
+    PhysicalSizeZ, the distance between consecutive planes — only if the selected sections are evenly spaced
+    (e.g. all of them, or every other one), as OME has one PhysicalSizeZ per image.
+    """
+    metadata: dict = {"Name": name, "axes": "ZYX" if result.volume else "YX"}
+    if result.pixel_size is None:
+        return metadata
+    for axis, size in zip("YX", result.pixel_size[-2:]):
+        metadata.update({f"PhysicalSize{axis}": size, f"PhysicalSize{axis}Unit": UM})
+    if result.volume:
+        dz = result.pixel_size[0]
+        steps = set(np.diff(sections).tolist()) or {1}
+        if len(steps) == 1:
+            metadata.update({"PhysicalSizeZ": _um(dz * steps.pop()), "PhysicalSizeZUnit": UM})
+        metadata["Plane"] = {"PositionZ": [_um(z * dz) for z in sections],
+                             "PositionZUnit": [UM] * len(sections)}
+    return metadata
+
+
+@dataclass
+class Export:
+    """What the file writers share: the open result, the options, the shared stretch limits, the mask."""
+
+    result: Result
+    args: argparse.Namespace
+    limits: dict[str, tuple[float, float]]
+    mask: Callable[[int | None], np.ndarray] | None
+
+    def display(self, kind: str, z: int | None, rows: slice) -> np.ndarray:
+        """Rows ``rows`` of section ``z`` of image ``kind`` stretched to [0, 1] with the display gamma."""
+        band = self.result.read(kind, z, rows)
+        return enhance.stretch(band, *self.limits[kind], gamma=self.args.gamma, out=band)
+
+    def paint(self, kind: str, z: int | None, out: np.ndarray | None = None) -> np.ndarray:
+        """Section ``z`` of image ``kind`` stretched and coloured with ``--cmap`` into ``out`` (a new (Y, X, 3)
+        uint8 array if None), band by band; returns ``out``."""
+        if out is None:
+            out = np.empty((self.result.height, self.result.width, 3), dtype=np.uint8)
+        for rows in self.result.bands:
+            enhance.apply_colormap(self.display(kind, z, rows), self.args.cmap, out=out[rows])
+        return out
+
+    def strips(self, kind: str, sections: list[int | None], dtype: np.dtype) -> Iterator[bytes]:
+        """The TIFF strips of image ``kind``: every band of every section in ``sections`` as the bytes of
+        ``dtype`` — float32: the stored values; uint16: the linear stretch (no gamma)."""
+        for z in sections:
+            for rows in self.result.bands:
+                band = self.result.read(kind, z, rows)
+                if dtype == np.uint16:
+                    band = enhance.to_uint16(enhance.stretch(band, *self.limits[kind], out=band))
+                yield band.tobytes()
+
+
+Writer = Callable[[Export, list[int | None], BinaryIO], None]
+
+
+def _save_png(fh: BinaryIO, image: np.ndarray) -> None:
     """Write an 8-bit grey or RGB PNG to the open binary file ``fh``."""
-    Image.fromarray(data).save(fh, format="PNG")
+    Image.fromarray(image).save(fh, format="PNG")
 
 
-def _tiff(kind: str) -> Callable[[Section], np.ndarray]:
-    """Renderer of the TIFF of ``kind``: exact float32 values or the linear uint16 stretch."""
-    def render(s: Section) -> np.ndarray:
-        if s.args.tiff_dtype == "float32":
-            return s.raw[kind]
-        return enhance.to_uint16(enhance.stretch(s.raw[kind], *s.limits[kind]))
-    return render
+def _tiff_writer(kind: str, ome: bool) -> Writer:
+    """Writer of the TIFF of image ``kind`` — a plain one-page TIFF of one section, or (``ome``) an OME-TIFF of
+    all given sections — streamed strip by strip (one strip per band) through ``tifffile.imwrite``."""
+    def write(export: Export, sections: list[int | None], fh: BinaryIO) -> None:
+        result = export.result
+        dtype = np.dtype(export.args.tiff_dtype)
+        shape = ((len(sections),) if ome and result.volume else ()) + (result.height, result.width)
+        bigtiff = math.prod(shape) * dtype.itemsize > BIGTIFF_BYTES
+        if ome:
+            options = {"ome": True, "metadata": ome_metadata(result, sections, f"{result.path.stem}_{kind}")}
+        else:
+            options = {"ome": False, **tiff_calibration(result.pixel_size, bigtiff)}
+        tifffile.imwrite(fh, export.strips(kind, sections, dtype), shape=shape, dtype=dtype, bigtiff=bigtiff,
+                         photometric="minisblack", rowsperstrip=result.band_rows, **options)
+    return write
 
 
-def _png(kind: str) -> Callable[[Section], np.ndarray]:
-    """Renderer of the colour-mapped 8-bit PNG of ``kind``."""
-    return lambda s: s.coloured(kind)
+def _png_writer(kind: str) -> Writer:
+    """Writer of the colour-mapped 8-bit PNG of image ``kind`` of one section."""
+    def write(export: Export, sections: list[int | None], fh: BinaryIO) -> None:
+        (z,) = sections
+        _save_png(fh, export.paint(kind, z))
+    return write
 
 
-def _twotone(s: Section) -> np.ndarray:
-    """Renderer of the two-tone variance PNG."""
-    return enhance.two_tone(s.display("variance"), s.mask)
+def _write_twotone(export: Export, sections: list[int | None], fh: BinaryIO) -> None:
+    """Write the two-tone variance PNG of one section."""
+    (z,) = sections
+    mask = export.mask(z)
+    image = np.empty(mask.shape + (3,), dtype=np.uint8)
+    for rows in export.result.bands:
+        enhance.two_tone(export.display("variance", z, rows), mask[rows], out=image[rows])
+    _save_png(fh, image)
 
 
-def _panel(s: Section) -> np.ndarray:
-    """Renderer of the panel: noisy input (if stored) | mean | variance."""
-    return enhance.panel([(TITLES[kind], s.coloured(kind)) for kind in ("input", "mean", "variance")
-                          if kind in s.raw])
+def _write_panel(export: Export, sections: list[int | None], fh: BinaryIO) -> None:
+    """Write the panel of one section: noisy input (if stored) | mean | variance, painted in place."""
+    (z,) = sections
+    height, width = export.result.height, export.result.width
+    kinds = list(export.result.datasets)
+    canvas, origins = enhance.panel_canvas([(TITLES[kind], (height, width)) for kind in kinds])
+    for kind, (y, x) in zip(kinds, origins):
+        export.paint(kind, z, canvas[y:y + height, x:x + width])
+    _save_png(fh, canvas)
 
 
-def _products(args: argparse.Namespace) -> dict[str, tuple[Callable[[Section], np.ndarray], Callable]]:
-    """The files to write per section: name suffix (``mean.tif``) → (renderer, writer)."""
-    products = {}
-    if args.format in ("tiff", "both"):
-        products.update({f"{kind}.tif": (_tiff(kind), _write_tiff) for kind in ("mean", "variance")})
-    if args.format in ("png", "both"):
-        products.update({f"{kind}.png": (_png(kind), _write_png) for kind in ("mean", "variance")})
+@dataclass(frozen=True)
+class Product:
+    """One kind of export file: its name suffix (``mean.tif``), its writer, the images whose stretch limits
+    the writer needs, and whether there is one file per section (else one holding all selected sections)."""
+
+    suffix: str
+    write: Writer
+    stretched: tuple[str, ...]
+    per_section: bool = True
+
+
+def _products(args: argparse.Namespace, kinds: tuple[str, ...]) -> list[Product]:
+    """The files to write, in order, for the options ``args`` and the images ``kinds`` the result holds."""
+    def tiffs(names: tuple[str, ...], ome: bool) -> list[Product]:
+        extension = "ome.tif" if ome else "tif"
+        return [Product(f"{kind}.{extension}", _tiff_writer(kind, ome),
+                        (kind,) if args.tiff_dtype == "uint16" else (), per_section=not ome) for kind in names]
+
+    products = tiffs(("mean", "variance"), ome=False) if "tiff" in args.format else []
+    if "png" in args.format:
+        products += [Product(f"{kind}.png", _png_writer(kind), (kind,)) for kind in ("mean", "variance")]
     if args.mask is not None or args.threshold is not None:
-        products["variance_twotone.png"] = (_twotone, _write_png)
+        products.append(Product("variance_twotone.png", _write_twotone, ("variance",)))
     if args.panel:
-        products["panel.png"] = (_panel, _write_png)
+        products.append(Product("panel.png", _write_panel, kinds))
+    if "ome-tiff" in args.format:
+        products += tiffs(kinds, ome=True)
     return products
 
 
@@ -298,14 +537,15 @@ class _Staging:
                     pass
         return False
 
-    def write(self, path: Path, writer: Callable[[BinaryIO, np.ndarray], None], data: np.ndarray) -> None:
-        """Write ``data`` with ``writer`` to the temporary file of ``path``; OutputError if the write fails with
-        an OSError (a full disk, an I/O error, a missing permission), any other exception passes through."""
+    def write(self, path: Path, writer: Callable[[BinaryIO], None]) -> None:
+        """Write the temporary file of ``path`` with ``writer(fh)``; OutputError if the write fails with an
+        OSError (a full disk, an I/O error, a missing permission), any other exception (e.g. the InputError of
+        an unreadable chunk) passes through."""
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         try:
             with open(tmp, "xb") as fh:
                 self._temps[path] = tmp
-                writer(fh, data)
+                writer(fh)
                 fh.flush()
                 os.fsync(fh.fileno())
         except Exception as exc:
@@ -345,25 +585,39 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ConfigError(f"--gamma {args.gamma}: expected a positive number")
 
 
+def _files(products: list[Product], result: Result, out_dir: Path) -> list[tuple[Path, Product, list[int | None]]]:
+    """Every file to write, in order — (path, product, the sections it holds) — the per-section files section
+    by section, then the files holding all selected sections."""
+    stem, depth = result.path.stem, result.shape[0] if result.volume else 1
+    files = [(output_path(out_dir, stem, p.suffix, z, depth), p, [z])
+             for z in result.sections for p in products if p.per_section]
+    return files + [(output_path(out_dir, stem, p.suffix, None, depth), p, result.sections)
+                    for p in products if not p.per_section]
+
+
 def main(args: argparse.Namespace) -> int:
-    """Run ``hpc-zsem export``: write the requested files (all or none), print their paths, return 0."""
+    """Run ``hpc-zsem export``: write the requested files (all or none), print their paths, return 0.
+
+    First pass: the shared stretch limits of the images that need them, from :func:`sample_pixels`; second
+    pass: every file, band by band, under a temporary name; then all are renamed into place.
+    """
     _check_numbers(args)
-    result = Path(args.result)
-    stacks, sections, shape = read_result(result, args.sections)
-    masks = _masks(args, stacks, sections, shape)
-    limits = {kind: enhance.stretch_limits(stack, args.low, args.high) for kind, stack in stacks.items()}
-    out_dir = Path(args.out) if args.out else result.with_name(f"{result.stem}_export")
-    products = _products(args)
-    depth = shape[0] if len(shape) == 3 else 1
-    paths = [[output_path(out_dir, result.stem, product, z, depth) for product in products] for z in sections]
-    created = _prepare_out_dir(out_dir, [path for row in paths for path in row], args.overwrite)
-    with _Staging(out_dir if created else None) as staging:
-        for i, row in enumerate(paths):
-            section = Section({kind: stack[i] for kind, stack in stacks.items()}, limits, args,
-                              None if masks is None else masks[i])
-            for (render, write), path in zip(products.values(), row):
-                staging.write(path, write, render(section))
-        written = staging.commit()
-    for path in written:
-        print(path)
+    path = Path(args.result)
+    with open_result(path) as f:
+        result = Result(f, path, args.sections)
+        mask = _mask_reader(args, result)
+        products = _products(args, tuple(result.datasets))
+        stretched = [kind for kind in result.datasets if any(kind in p.stretched for p in products)]
+        limits = {kind: enhance.stretch_limits(sample_pixels(result, kind), args.low, args.high)
+                  for kind in stretched}
+        export = Export(result, args, limits, mask)
+        out_dir = Path(args.out) if args.out else path.with_name(f"{path.stem}_export")
+        files = _files(products, result, out_dir)
+        created = _prepare_out_dir(out_dir, [file for file, _, _ in files], args.overwrite)
+        with _Staging(out_dir if created else None) as staging:
+            for file, product, sections in files:
+                staging.write(file, functools.partial(product.write, export, sections))
+            written = staging.commit()
+    for file in written:
+        print(file)
     return 0

@@ -172,3 +172,40 @@ def test_panel_titles_stay_above_their_own_images():
     for start, w in zip(starts, widths):
         inside[start:start + w] = True
     assert len(ink) and inside[ink].all()
+
+
+def test_stretch_in_place_matches_a_new_array():
+    img = np.random.default_rng(4).normal(size=(6, 7)).astype(np.float32)
+    img[0, :3] = [np.nan, np.inf, -np.inf]
+    expected = enhance.stretch(img, -1.0, 1.0, gamma=2.0)
+    band = img.copy()
+    assert enhance.stretch(band, -1.0, 1.0, gamma=2.0, out=band) is band
+    np.testing.assert_array_equal(band, expected)
+    assert expected[0, :3].tolist() == [0.0, 1.0, 0.0]
+    np.testing.assert_array_equal(enhance.stretch(img, 1.0, 1.0, out=band), 0.0)
+
+
+def test_colour_and_two_tone_into_a_view_of_a_larger_image():
+    x = np.linspace(0, 1, 20).reshape(4, 5)
+    mask = x > 0.5
+    canvas = np.zeros((10, 12, 3), np.uint8)
+    enhance.apply_colormap(x, "viridis", out=canvas[1:5, 2:7])
+    np.testing.assert_array_equal(canvas[1:5, 2:7], enhance.colormap_lut("viridis")[enhance.to_uint8(x)])
+    enhance.two_tone(x, mask, out=canvas[5:9, 0:5])
+    np.testing.assert_array_equal(canvas[5:9, 0:5], enhance.two_tone(x, mask))
+    assert not canvas[:, 7:].any()   # nothing written outside the views
+
+
+def test_two_tone_clips_brightness_outside_the_unit_interval():
+    out = enhance.two_tone(np.array([[-0.5, 2.0, np.nan]]), np.array([[1, 1, 0]]))
+    assert out.tolist() == [[[0, 0, 0], list(enhance.BLUE), [0, 0, 0]]]
+
+
+def test_panel_canvas_origins_are_where_panel_puts_the_images():
+    shapes = [(20, 30), (25, 10)]
+    canvas, origins = enhance.panel_canvas([("noisy", shapes[0]), ("mean", shapes[1])])
+    assert origins == [(canvas.shape[0] - 8 - 25, 8), (canvas.shape[0] - 8 - 25, 46)]
+    images = [("noisy", np.full(shapes[0], 7, np.uint8)), ("mean", np.full(shapes[1], 9, np.uint8))]
+    for (y, x), (_, image) in zip(origins, images):
+        canvas[y:y + image.shape[0], x:x + image.shape[1]] = image[..., None]
+    np.testing.assert_array_equal(canvas, enhance.panel(images))

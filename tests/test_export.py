@@ -4,6 +4,8 @@ import errno
 import os
 import shutil
 import subprocess
+import tracemalloc
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import h5py
@@ -382,3 +384,219 @@ def test_panel_titles_of_64_pixel_images_stay_in_their_columns(tmp_path):
     assert sum(map(len, boxes)) == len(ink)   # no title ink in the gaps between the columns
     assert all(len(box) for box in boxes)     # every title drawn
     assert all(a.max() < b.min() for a, b in zip(boxes, boxes[1:]))   # the title boxes do not overlap
+
+
+# ---------------------------------------------------------------- streaming: bounded memory, sampled limits, bands
+
+def calibrate(path: Path, size) -> None:
+    """Give the images of a result file the attribute ``element_size_um`` (float32, as io.volumes writes it)."""
+    with h5py.File(path, "r+") as f:
+        for name in ("mean", "variance", "input"):
+            f[name].attrs["element_size_um"] = np.asarray(size, dtype=np.float32)
+
+
+def smooth_result(path: Path, shape) -> None:
+    """A result file (as hpc_zsem.io.results writes it) of smooth images, which PNG compresses quickly."""
+    z, y, x = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij")
+    mean = 10 + 3 * np.sin(x / 40) * np.cos(y / 50) + z
+    results.write_result(path, mean=mean, variance=1 + np.cos(x / 30) ** 2, noisy=mean + np.sin(y),
+                         params={}, history={}, metadata={}, overwrite=True)
+
+
+def export_peak(tmp_path: Path, *options) -> int:
+    """The tracemalloc peak (bytes) of an export of ``tmp_path/v.h5`` with ``options``, after the same export
+    of a tiny result, so that one-time imports and font loading are not counted."""
+    run_export(tmp_path / "tiny.h5", "--out", tmp_path / "o", "--overwrite", *options)
+    tracemalloc.start()
+    try:
+        run_export(tmp_path / "v.h5", "--out", tmp_path / "o", "--overwrite", *options)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_export_memory_is_bounded_by_a_few_sections_not_the_volume(tmp_path, capsys):
+    shape = (8, 512, 512)
+    smooth_result(tmp_path / "v.h5", shape)
+    smooth_result(tmp_path / "tiny.h5", (2, 16, 16))
+    section = 512 * 512 * 4   # bytes of one float32 section; the file holds 3 images × 8 sections
+    for options in ([], ["--threshold", "10"], ["--format", "ome-tiff", "--tiff-dtype", "uint16"]):
+        assert export_peak(tmp_path, *options) < 3 * section, options   # before streaming: 40 sections
+    canvas, _ = enhance.panel_canvas([("t", shape[1:])] * 3)
+    assert export_peak(tmp_path, "--format", "png", "--panel") < canvas.nbytes + 2 * section
+    capsys.readouterr()
+
+
+def test_sampled_limits_are_deterministic_and_close_to_the_exact_percentiles(tmp_path, monkeypatch):
+    images = write_real_result(tmp_path / "v.h5", shape=(6, 300, 260))
+    monkeypatch.setattr(export, "SAMPLE_PIXELS", 40_000)   # < 6 × 300 × 260 pixels: sampled
+    monkeypatch.setattr(export, "SAMPLE_BLOCKS", 12)       # of 6 × 2 × 2 chunks
+    with results.open_result(tmp_path / "v.h5") as f:
+        result = export.Result(f, tmp_path / "v.h5", "all")
+        sample = export.sample_pixels(result, "mean")
+        np.testing.assert_array_equal(sample, export.sample_pixels(result, "mean"))   # deterministic
+    assert 0 < sample.size <= 40_000 and sample.dtype == np.float32
+    for pct in (0.5, 50, 99.5):
+        estimate = np.percentile(sample, pct)
+        rank = 100 * np.mean(images["mean"] <= estimate)
+        assert abs(rank - pct) < max(0.3, 0.05 * pct), pct
+    run_export(tmp_path / "v.h5", "--format", "png", "--out", tmp_path / "a")
+    run_export(tmp_path / "v.h5", "--format", "png", "--out", tmp_path / "b")
+    assert snapshot(tmp_path / "a") == snapshot(tmp_path / "b")
+
+
+def test_small_selections_use_every_pixel(tmp_path):
+    images = write_real_result(tmp_path / "v.h5", shape=(3, 40, 50))
+    with results.open_result(tmp_path / "v.h5") as f:
+        sample = export.sample_pixels(export.Result(f, tmp_path / "v.h5", "0,2"), "variance")
+    np.testing.assert_array_equal(np.sort(sample), np.sort(images["variance"][[0, 2]].ravel()))
+
+
+def test_large_section_is_written_band_by_band(tmp_path):
+    images = write_real_result(tmp_path / "big.h5", shape=(600, 300))   # chunks 256 × 256: 3 bands
+    run_export(tmp_path / "big.h5", "--format", "tiff")
+    with tifffile.TiffFile(tmp_path / "big_export" / "big_mean.tif") as tif:
+        page = tif.pages[0]
+        assert page.rowsperstrip == 256 and len(page.dataoffsets) == 3
+        np.testing.assert_array_equal(page.asarray(), images["mean"])
+    run_export(tmp_path / "big.h5", "--format", "tiff", "--tiff-dtype", "uint16", "--overwrite")
+    expected = enhance.to_uint16(enhance.contrast_stretch(images["variance"]))   # sampled = exact here
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "big_export" / "big_variance.tif"), expected)
+
+
+def test_corrupt_chunk_found_while_writing_fails_cleanly(tmp_path, capsys):
+    write_real_result(tmp_path / "big.h5", shape=(600, 300))
+    corrupt_chunk(tmp_path / "big.h5", "variance", index=4)   # float32 TIFFs need no first pass
+    code, err = cli_export(capsys, tmp_path / "big.h5", "--format", "tiff")
+    assert code == 2 and err.count("\n") == 1 and "big.h5: dataset /variance cannot be read" in err
+    assert not (tmp_path / "big_export").exists()
+
+
+def test_volume_mask_is_read_section_by_section(tmp_path):
+    images = write_result(tmp_path / "v.h5", shape=(3, 12, 16))
+    masks = np.random.default_rng(2).random((3, 12, 16)) < 0.5
+    lo, hi = np.percentile(images["variance"][[1, 2]], [0.5, 99.5])
+    expected = enhance.two_tone(enhance.stretch(images["variance"][2], lo, hi), masks[2])
+    layouts = {"minisblack": {}, "rgb": {"planarconfig": "separate"}}   # one page per section; one of 3 planes
+    for photometric, options in layouts.items():
+        tifffile.imwrite(tmp_path / "cells.tif", masks.astype(np.uint8) * 255, photometric=photometric, **options)
+        assert export._mask_layout(tmp_path / "cells.tif") == ((3, 12, 16), photometric == "minisblack")
+        run_export(tmp_path / "v.h5", "--format", "png", "--mask", tmp_path / "cells.tif", "--sections", "1,2",
+                   "--overwrite")
+        np.testing.assert_array_equal(read_png(tmp_path / "v_export" / "v_variance_twotone_z002.png"), expected)
+
+
+# ---------------------------------------------------------------- OME-TIFF and calibrated TIFFs
+
+OME = "{http://www.openmicroscopy.org/Schemas/OME/2016-06}"
+
+
+def ome_pixels(path: Path) -> tuple[np.ndarray, ET.Element]:
+    """The image of an OME-TIFF and its OME-XML ``Pixels`` element (parsed with ElementTree), checking that
+    the image is named after the file."""
+    with tifffile.TiffFile(path) as tif:
+        image = ET.fromstring(tif.ome_metadata).find(f"{OME}Image")
+        assert image.get("Name") == path.name.removesuffix(".ome.tif")
+        return tif.asarray(), image.find(f"{OME}Pixels")
+
+
+def test_ome_tiff_of_a_volume_has_all_sections_and_the_pixel_size(tmp_path, capsys):
+    images = write_real_result(tmp_path / "v.h5", shape=(6, 40, 30))
+    calibrate(tmp_path / "v.h5", (0.03, 0.005, 0.004))
+    run_export(tmp_path / "v.h5", "--format", "ome-tiff", "--sections", "1,3,5")
+    out = tmp_path / "v_export"
+    assert capsys.readouterr().out.split() == [str(out / f"v_{kind}.ome.tif") for kind in ("input", "mean", "variance")]
+    for kind in ("input", "mean", "variance"):
+        data, pixels = ome_pixels(out / f"v_{kind}.ome.tif")
+        np.testing.assert_array_equal(data, images[kind][[1, 3, 5]])
+        assert {key: pixels.get(key) for key in ("SizeX", "SizeY", "SizeZ", "Type")} == \
+            {"SizeX": "30", "SizeY": "40", "SizeZ": "3", "Type": "float"}
+        assert float(pixels.get("PhysicalSizeX")) == 0.004 and float(pixels.get("PhysicalSizeY")) == 0.005
+        assert float(pixels.get("PhysicalSizeZ")) == 0.06   # every other section
+        assert {pixels.get(f"PhysicalSize{axis}Unit") for axis in "XYZ"} == {"µm"}
+        planes = pixels.findall(f"{OME}Plane")
+        assert [float(p.get("PositionZ")) for p in planes] == [0.03, 0.09, 0.15]
+        assert [int(p.get("TheZ")) for p in planes] == [0, 1, 2]
+
+
+def test_ome_tiff_of_unevenly_spaced_sections_has_positions_but_no_z_size(tmp_path):
+    write_real_result(tmp_path / "v.h5", shape=(6, 20, 20))
+    calibrate(tmp_path / "v.h5", (0.05, 0.01, 0.01))
+    run_export(tmp_path / "v.h5", "--format", "ome-tiff,png", "--sections", "0,1,4", "--tiff-dtype", "uint16")
+    data, pixels = ome_pixels(tmp_path / "v_export" / "v_mean.ome.tif")
+    assert data.dtype == np.uint16 and data.shape == (3, 20, 20)
+    assert pixels.get("PhysicalSizeZ") is None and pixels.get("PhysicalSizeX") == "0.01"
+    assert [float(p.get("PositionZ")) for p in pixels.findall(f"{OME}Plane")] == [0.0, 0.05, 0.2]
+    assert (tmp_path / "v_export" / "v_mean_z004.png").exists()
+
+
+def test_ome_tiff_of_a_2d_result_with_and_without_pixel_size(tmp_path):
+    images = write_real_result(tmp_path / "r.h5", shape=(24, 32))
+    run_export(tmp_path / "r.h5", "--format", "ome-tiff")
+    data, pixels = ome_pixels(tmp_path / "r_export" / "r_mean.ome.tif")
+    np.testing.assert_array_equal(data, images["mean"])
+    assert pixels.get("SizeZ") == "1" and pixels.get("PhysicalSizeX") is None
+    calibrate(tmp_path / "r.h5", (0.0025, 0.002))
+    run_export(tmp_path / "r.h5", "--format", "ome-tiff", "--overwrite")
+    _, pixels = ome_pixels(tmp_path / "r_export" / "r_variance.ome.tif")
+    assert (float(pixels.get("PhysicalSizeX")), float(pixels.get("PhysicalSizeY"))) == (0.002, 0.0025)
+    assert pixels.get("PhysicalSizeZ") is None and not pixels.findall(f"{OME}Plane[@PositionZ]")
+
+
+def resolution(tags, name: str) -> float:
+    """A TIFF resolution tag (a rational) as a number."""
+    numerator, denominator = tags[name].value
+    return numerator / denominator
+
+
+def test_plain_tiffs_are_calibrated_for_fiji(tmp_path):
+    images = write_real_result(tmp_path / "v.h5", shape=(2, 24, 32))
+    calibrate(tmp_path / "v.h5", (0.04, 0.005, 0.004))
+    run_export(tmp_path / "v.h5", "--format", "tiff")
+    with tifffile.TiffFile(tmp_path / "v_export" / "v_mean_z001.tif") as tif:
+        tags = tif.pages[0].tags
+        assert tif.is_imagej and tif.imagej_metadata["unit"] == "um"
+        assert resolution(tags, "XResolution") == pytest.approx(1 / 0.004)   # pixels per µm
+        assert resolution(tags, "YResolution") == pytest.approx(1 / 0.005)
+        np.testing.assert_array_equal(tif.asarray(), images["mean"][1])
+
+
+def test_uncalibrated_result_gives_plain_tiffs(tmp_path):
+    write_real_result(tmp_path / "r.h5")
+    run_export(tmp_path / "r.h5", "--format", "tiff")
+    with tifffile.TiffFile(tmp_path / "r_export" / "r_mean.tif") as tif:
+        assert not tif.is_imagej and tif.pages[0].tags["ResolutionUnit"].value == tifffile.RESUNIT.NONE
+
+
+@pytest.mark.parametrize("size", [(0.0, 0.1), (np.nan, 0.1), (0.1,), (-1.0, 0.1, 0.1)])
+def test_malformed_pixel_size_is_ignored(tmp_path, size):
+    write_real_result(tmp_path / "r.h5")
+    calibrate(tmp_path / "r.h5", size)
+    run_export(tmp_path / "r.h5", "--format", "tiff,ome-tiff")
+    assert not tifffile.TiffFile(tmp_path / "r_export" / "r_mean.tif").is_imagej
+    assert ome_pixels(tmp_path / "r_export" / "r_mean.ome.tif")[1].get("PhysicalSizeX") is None
+
+
+def test_bigtiff_calibration_uses_standard_centimetre_tags(tmp_path):
+    options = export.tiff_calibration((0.005, 0.004), bigtiff=True)
+    tifffile.imwrite(tmp_path / "b.tif", np.zeros((4, 4), np.float32), bigtiff=True, **options)
+    with tifffile.TiffFile(tmp_path / "b.tif") as tif:
+        tags = tif.pages[0].tags
+        assert tif.is_bigtiff and not tif.is_imagej
+        assert tags["ResolutionUnit"].value == tifffile.RESUNIT.CENTIMETER
+        assert resolution(tags, "XResolution") == pytest.approx(1e4 / 0.004)   # pixels per cm
+        assert resolution(tags, "YResolution") == pytest.approx(1e4 / 0.005)
+    assert export.tiff_calibration(None, bigtiff=False) == {}
+
+
+@pytest.mark.parametrize("value, expected", [("both", {"tiff", "png"}), ("png,ome-tiff", {"png", "ome-tiff"}),
+                                             (" tiff , both", {"tiff", "png"})])
+def test_format_list(value, expected):
+    assert export._formats(value) == expected
+
+
+def test_unknown_format_is_a_usage_error(tmp_path, capsys):
+    write_result(tmp_path / "r.h5")
+    with pytest.raises(SystemExit) as info:
+        run_export(tmp_path / "r.h5", "--format", "png,jpeg")
+    assert info.value.code == 2 and "'jpeg'" in capsys.readouterr().err
