@@ -200,8 +200,8 @@ def test_long_requeue_survives_preemption(tmp_path):
 @needs_slurm
 def test_array_runs_one_task_per_image(tmp_path):
     demo = read_image("builtin:demo")
-    # an image name that must reach `hpc-zsem run` literally (without " #", which `--set` reads as a YAML comment)
-    names = ["left", "right " + HOSTILE.replace(" #1", "")]
+    # an image name that must reach `hpc-zsem run` literally (`--set` takes text keys literally, " #" included)
+    names = ["left", "right " + HOSTILE]
     tifffile.imwrite(tmp_path / f"{names[0]}.tif", demo[:48, :48])
     tifffile.imwrite(tmp_path / f"{names[1]}.tif", demo[-48:, -48:])
     (tmp_path / "images.txt").write_text("".join(f"{name}.tif\n" for name in names))
