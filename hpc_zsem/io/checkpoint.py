@@ -31,11 +31,12 @@ any moment leaves ``X`` complete (old or new) and, except between the last two r
 checksum. Leftover temporary files of killed writers are removed by the next write.
 
 Resume rules (:func:`incompatibilities`): the config must equal the checkpoint's except for ``output.*``,
-``checkpoint.*``, ``logging.*``, the epoch counts and the stopping rule of ``training.epochs: auto``, which may
-change as long as the checkpoint's position is still ahead: a checkpoint taken during training resumes under
-any ``training.epochs`` (or ``max_epochs``) >= its epoch (raise it to train longer); one taken during estimation
-needs the same ``training.epochs`` (with ``auto``, the same stopping rule: :data:`TRAINING_LENGTH`) and
-``estimation.epochs`` >= its epoch. The input file's checksum must match. The number of ranks may change.
+``checkpoint.*``, ``logging.*``, ``resources.*``, the epoch counts and the stopping rule of
+``training.epochs: auto``, which may change as long as the checkpoint's position is still ahead: a checkpoint
+taken during training resumes under any ``training.epochs`` (or ``max_epochs``) >= its epoch (raise it to
+train longer); one taken during estimation needs the same ``training.epochs`` (with ``auto``, the same
+stopping rule: :data:`TRAINING_LENGTH`) and ``estimation.epochs`` >= its epoch. The input file's checksum
+must match. The number of ranks may change.
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ FORMAT_VERSION = 1
 STAGES = ("train", "estimate")
 #: the keys that say how long training runs (``training.epochs``, and the stopping rule of ``epochs: auto``)
 TRAINING_LENGTH = ("training.epochs", "training.max_epochs", "training.stop_window", "training.stop_tolerance")
-MAY_DIFFER = ("output.", "checkpoint.", "logging.", "estimation.epochs", *TRAINING_LENGTH)
+MAY_DIFFER = ("output.", "checkpoint.", "logging.", "resources.", "estimation.epochs", *TRAINING_LENGTH)
 _GEOMETRY = ("image_shape", "patch_size", "stride", "n_patches", "block_size")
 _STATE_CHUNK_BYTES = 1 << 20
 _TRAILER_HEAD = b"\nhpc_zsem-checkpoint sha256:"
