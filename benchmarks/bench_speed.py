@@ -1,16 +1,24 @@
-"""Speed of one ES3C training epoch (the hot loop), one rank, one BLAS thread.
+"""Speed of one ES3C training epoch (the hot loop): the compiled E-step kernel against the previous numpy E-step.
 
-The reference setting of issue 2: N = 62,001 patches of 8×8 (a 256×256 image), H = 64, S = 60,
-20 parents × 1 child, 1 generation. tvo (PyTorch, CPU) needs 1,609 s per epoch for this here (≈325 µs per
-evaluated (patch, state)); target ≤ 40 s.
+The reference setting (issue 2/11): N = 62,001 patches of 8×8 (a 256×256 crop of ISBI slice 0, σ = 25 noise),
+S = 60, 20 parents × 1 child, 1 generation, H = 64 and 256, one rank, one BLAS thread. An epoch = one E-step
+(posterior statistics of every K_n, free energy, evolutionary search) over all blocks plus the M-step; it
+evaluates N·(S + parents·children) (patch, state) pairs.
 
-    python benchmarks/bench_speed.py [--epochs 3] [--H 64] [--S 60] [--profile]
+    python benchmarks/bench_speed.py [--H 64 256] [--repeats 3] [--threads 1 2] [--compare] [--profile]
 
-Prints seconds per epoch and µs per (patch, state) evaluation, where an epoch evaluates the S states of
-every truncated set (statistics and free energy) plus parents × children × generations new candidates.
+Prints, per H: µs per (patch, state) and s per epoch (min/median of the repeats, each from the same state),
+the achieved GFLOP/s as a share of this run's one-thread fp64 matmul rate, the 2-thread/1-thread speed-up, the
+memory (bytes per patch held across epochs; the peak of one block's E-step temporaries, tracemalloc), and with
+--compare the same epoch with the previous numpy E-step (tests/reference_es3c.py), the ratio, and whether both
+give the same truncated sets and statistics.
 """
 import argparse
+import statistics
+import sys
 import time
+import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import tifffile
@@ -22,57 +30,134 @@ from hpc_zsem.parallel import block_ranges
 from hpc_zsem.patches import PatchGrid
 from hpc_zsem.randomness import PatchRandom
 from hpc_zsem.variational.evolution import EvolutionSettings
+from hpc_zsem.variational.kernel import set_threads
 
-ISBI = "../shared/data/isbi2012_sstem_30x512x512.tif"
+ROOT = Path(__file__).resolve().parent.parent
+ISBI = ROOT.parent / "shared" / "data" / "isbi2012_sstem_30x512x512.tif"
+sys.path.insert(0, str(ROOT / "tests"))
+from reference_es3c import ReferenceSSSC  # noqa: E402
+
+
+def patches(block: int):
+    clean = tifffile.imread(ISBI, key=0)[128:384, 128:384].astype(np.float64)
+    noisy = clean + np.random.default_rng(0).normal(0, 25, clean.shape)
+    grid = PatchGrid(noisy.shape, (8, 8))
+    ranges = block_ranges(grid.n_patches, block)
+    return [grid.extract(noisy, np.arange(a, b)) for a, b in ranges], ranges
+
+
+def epoch(model, blocks, ranges, params, states, number):
+    """One E-step over every block and the M-step; returns (new states, new params, stats)."""
+    total, new_states = None, []
+    for Y, r, K in zip(blocks, ranges, states):
+        K, stats = model.e_step(Y, params, K, PatchRandom(0, 1, number, np.arange(*r)))
+        new_states.append(K)
+        total = stats if total is None else {k: total[k] + stats[k] for k in total}
+    return new_states, model.m_step(params, total), total
+
+
+def matmul_rate() -> float:
+    """GFLOP/s of a one-thread fp64 numpy matmul (1000×1000)."""
+    a = np.random.default_rng(0).random((1000, 1000))
+    a @ a
+    best = min(_timed(lambda: a @ a) for _ in range(5))
+    return 2e9 / best / 1e9
+
+
+def _timed(f) -> float:
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
+
+
+def flops_per_epoch(N, D, H, pairs) -> float:
+    """Useful FLOPs: B = Y W and S_ysz = Yᵀ⟨s⊙z⟩ (2·N·D·H each) and ~20 per evaluated pair (k ≤ 2 forms)."""
+    return 4.0 * N * D * H + 20.0 * pairs
+
+
+def run_h(args, H, blocks, ranges, rate):
+    settings = EvolutionSettings(S=args.S, parents=args.parents, children=args.children)
+    model, reference = SSSC(H, settings), ReferenceSSSC(H, settings)
+    Y_all = np.concatenate(blocks)
+    N, D = Y_all.shape
+    params = model.init_params(PatchSummary.from_patches(Y_all), Y_all[:10], np.random.default_rng(0))
+    set_threads(1)
+    states = [model.init_block_state(Y, params, PatchRandom(0, 0, 0, np.arange(*r))) for Y, r in zip(blocks, ranges)]
+    for e in range(args.warmup):                     # realistic truncated sets and parameters
+        states, params, _ = epoch(model, blocks, ranges, params, states, e)
+    pairs = N * (args.S + args.parents * args.children)
+
+    def timing(m, threads):
+        set_threads(threads)
+        return [_timed(lambda: epoch(m, blocks, ranges, params, states, 99)) for _ in range(args.repeats)]
+
+    times = {t: timing(model, t) for t in args.threads}
+    one = times[args.threads[0]]
+    print(f"H={H}: N={N} D={D} S={args.S} parents={args.parents}×{args.children}, {pairs} (patch, state) per epoch")
+    for t, ts in times.items():
+        print(f"  kernel, {t} thread(s): {min(ts):.3f} s/epoch min, {statistics.median(ts):.3f} median  "
+              f"→ {1e6 * min(ts) / pairs:.4f} µs per (patch, state);  "
+              f"{flops_per_epoch(N, D, H, pairs) / min(ts) / 1e9:.2f} GFLOP/s")
+    print(f"  GFLOP/s share of the one-thread matmul rate ({rate:.1f} GFLOP/s): "
+          f"{100 * flops_per_epoch(N, D, H, pairs) / min(one) / 1e9 / rate:.1f} %")
+    if len(args.threads) > 1:
+        print(f"  speed-up {args.threads[-1]} threads vs {args.threads[0]}: "
+              f"{min(one) / min(times[args.threads[-1]]):.2f}×")
+    set_threads(1)
+    resident, peak = memory(model, blocks, ranges, params, states)
+    print(f"  memory: {resident:.0f} B per patch held across epochs (patch data + packed states); E-step peak "
+          f"temporaries {peak / 2**20:.1f} MiB per block of {blocks[0].shape[0]} "
+          f"(+{peak / N:.0f} B per patch at this N, flat in N)")
+    if args.compare:
+        ref = timing(reference, 1)
+        set_threads(1)
+        print(f"  previous numpy E-step: {min(ref):.3f} s/epoch min, {statistics.median(ref):.3f} median "
+              f"→ {1e6 * min(ref) / pairs:.4f} µs per (patch, state);  kernel is {min(ref) / min(one):.1f}× faster "
+              f"(median {statistics.median(ref) / statistics.median(one):.1f}×)")
+        new, _, stats_new = epoch(model, blocks, ranges, params, states, 99)
+        old, _, stats_old = epoch(reference, blocks, ranges, params, states, 99)
+        same = all(np.array_equal(a, b) for a, b in zip(new, old))
+        rel = max(float(np.max(np.abs(stats_new[k] - stats_old[k]) / np.maximum(np.abs(stats_old[k]), 1e-300)))
+                  for k in ("S_s", "S_sz", "S_ysz", "free_energy"))
+        print(f"  same truncated sets as the numpy E-step: {same}; max relative difference of the statistics "
+              f"S_s, S_sz, S_ysz, F: {rel:.1e}")
+    if args.profile:
+        import cProfile
+        import pstats
+        profile = cProfile.Profile()
+        profile.runcall(epoch, model, blocks, ranges, params, states, 99)
+        pstats.Stats(profile).sort_stats("tottime").print_stats(12)
+
+
+def memory(model, blocks, ranges, params, states) -> tuple[float, int]:
+    """(bytes per patch of the patches and packed states, tracemalloc's peak of one block's E-step)."""
+    resident = (sum(Y.nbytes for Y in blocks) + sum(K.nbytes for K in states)) / sum(Y.shape[0] for Y in blocks)
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    model.e_step(blocks[0], params, states[0], PatchRandom(0, 1, 99, np.arange(*ranges[0])))
+    peak = tracemalloc.get_traced_memory()[1] - base
+    tracemalloc.stop()
+    return resident, peak
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--H", type=int, default=64)
+    ap.add_argument("--H", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--S", type=int, default=60)
     ap.add_argument("--parents", type=int, default=20)
     ap.add_argument("--children", type=int, default=1)
     ap.add_argument("--block", type=int, default=1024)
-    ap.add_argument("--mutation", default="random", choices=["random", "sparse"])
+    ap.add_argument("--warmup", type=int, default=2, help="epochs before timing (realistic states)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--compare", action="store_true", help="also time the previous numpy E-step")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
-
-    clean = tifffile.imread(ISBI, key=0)[128:384, 128:384].astype(np.float64)
-    noisy = clean + np.random.default_rng(0).normal(0, 25, clean.shape)
-    grid = PatchGrid(noisy.shape, (8, 8))
-    ranges = block_ranges(grid.n_patches, args.block)
-    blocks = [grid.extract(noisy, np.arange(a, b)) for a, b in ranges]
-    model = SSSC(args.H, EvolutionSettings(S=args.S, parents=args.parents, children=args.children,
-                                                     mutation=args.mutation))
-    Y_all = np.concatenate(blocks)
-    rng = np.random.default_rng(0)
-    params = model.init_params(PatchSummary.from_patches(Y_all), Y_all[:10], rng)
+    blocks, ranges = patches(args.block)
     with threadpool_limits(limits=1):
-        t0 = time.perf_counter()
-        states = [model.init_block_state(Y, params, PatchRandom(0, 0, 0, np.arange(*r))) for Y, r in zip(blocks, ranges)]
-        print(f"N={grid.n_patches} D=64 H={args.H} S={args.S} parents={args.parents} children={args.children}: "
-              f"init {time.perf_counter() - t0:.1f}s")
-        if args.profile:
-            import cProfile
-            import pstats
-            prof = cProfile.Profile()
-            prof.enable()
-        for epoch in range(args.epochs):
-            t0 = time.perf_counter()
-            total = None
-            for i, Y in enumerate(blocks):
-                states[i], stats = model.e_step(Y, params, states[i], PatchRandom(0, 1, epoch, np.arange(*ranges[i])))
-                total = stats if total is None else {k: total[k] + stats[k] for k in total}
-            params = model.m_step(params, total)
-            dt = time.perf_counter() - t0
-            evaluations = grid.n_patches * (args.S + args.parents * args.children)
-            print(f"epoch {epoch + 1}: {dt:.2f} s  ({1e6 * dt / evaluations:.2f} µs per (patch, state); "
-                  f"F/N={float(total['free_energy']) / grid.n_patches:.4f}, sigma={np.sqrt(params['sigma2']):.3f}, "
-                  f"accepted={int(total['accepted'])})")
-        if args.profile:
-            prof.disable()
-            pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+        rate = matmul_rate()
+        for H in args.H:
+            run_h(args, H, blocks, ranges, rate)
 
 
 if __name__ == "__main__":

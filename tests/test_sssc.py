@@ -7,8 +7,9 @@ from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
 from hpc_zsem.models.base import PatchSummary
-from hpc_zsem.models.sssc import SSSC, _Theta, evaluate_pairs
+from hpc_zsem.models.sssc import SSSC
 from hpc_zsem.variational.evolution import EvolutionSettings
+from hpc_zsem.variational.kernel import posterior
 from hpc_zsem.variational.states import pack
 
 
@@ -40,11 +41,28 @@ def test_information_form_equals_direct_gaussian(full_psi):
     p = random_params(rng, D, H, full_psi)
     Y = rng.standard_normal((N, D)) * 2
     states = all_states(H)
-    rows = np.repeat(np.arange(N), len(states))
-    bits = np.tile(states, (N, 1))
-    theta = _Theta.from_params(p)
-    lpj, _ = evaluate_pairs(theta, Y @ p["W"], np.einsum("nd,nd->n", Y, Y), rows, pack(bits))
-    expected = [direct_log_joint(Y[n], s, p) for n, s in zip(rows, bits)]
+    model = SSSC(H, EvolutionSettings(S=len(states)), psi="full" if full_psi else "diag")
+    K = np.broadcast_to(pack(states), (N, len(states), 1))
+    lpj = posterior(*model._scorer(Y, p), K, 0)[0]
+    expected = [[direct_log_joint(y, s, p) for s in states] for y in Y]
+    np.testing.assert_allclose(lpj, expected, rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize("full_psi", [False, True])
+def test_information_form_with_several_words_and_many_active_units(full_psi):
+    """States spread over two words (H = 70) with k up to 9 active units (the k×k factorisation path)."""
+    rng = np.random.default_rng(11)
+    D, H, N = 24, 70, 3
+    p = random_params(rng, D, H, full_psi)
+    Y = rng.standard_normal((N, D)) * 2
+    states = np.zeros((8, H), dtype=bool)
+    for row, k in enumerate([0, 1, 2, 3, 4, 5, 7, 9]):
+        states[row, rng.choice(H, size=k, replace=False)] = True
+    states[3] = False
+    states[3, [10, 66, 69]] = True                                  # a state with units in both words
+    model = SSSC(H, EvolutionSettings(S=len(states)), psi="full" if full_psi else "diag")
+    lpj = posterior(*model._scorer(Y, p), np.broadcast_to(pack(states), (N, len(states), 2)), 0)[0]
+    expected = [[direct_log_joint(y, s, p) for s in states] for y in Y]
     np.testing.assert_allclose(lpj, expected, rtol=1e-10, atol=1e-9)
 
 
@@ -75,7 +93,7 @@ def test_full_truncation_is_exact_and_em_is_monotone(psi):
         p_dense = dict(params)
         if psi == "diag":
             exact = sum(logsumexp([direct_log_joint(y, s, p_dense) for s in all_states(H)]) for y in Y[:20])
-            n20 = model._posterior(model._block_terms(Y[:20], params), K[:20])[1].sum()
+            n20 = posterior(*model._scorer(Y[:20], params), K[:20], 0)[1].sum()
             assert n20 == pytest.approx(exact, rel=1e-9)   # truncated free energy = log-likelihood
         free_energies.append(float(stats["free_energy"]))
         params = model.m_step(params, stats)
@@ -124,7 +142,8 @@ def test_refine_leaves_the_states_of_repeated_e_steps():
         K, _ = model.e_step(Y, truth, K, np.random.default_rng(10 + epoch))
     refined = model.refine(Y, truth, K0, [np.random.default_rng(10 + epoch) for epoch in range(3)])
     np.testing.assert_array_equal(refined, K)
-    fresh = model.init_block_state(Y, truth, np.random.default_rng(1), [np.random.default_rng(10 + e) for e in range(3)])
+    fresh = model.init_block_state(Y, truth, np.random.default_rng(1),
+                                   [np.random.default_rng(10 + e) for e in range(3)])
     np.testing.assert_array_equal(fresh, K)                  # init and refinement in one call: the same sets
     free_energy = [model.e_step(Y, truth, k, np.random.default_rng(0))[1]["free_energy"] for k in (K0, refined)]
     assert free_energy[1] > free_energy[0]

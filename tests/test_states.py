@@ -1,9 +1,11 @@
-"""Bit-packed states: packing round trip and per-row de-duplication, for one and several words per state."""
+"""Bit-packed states: packing round trip and the kernel's per-patch de-duplication (an open-addressing hash
+table), for one and several words per state."""
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from hpc_zsem.variational.states import first_occurrence, lowest_weight_states, pack, unique_states, unpack
+from hpc_zsem.variational.kernel import _deduplicate
+from hpc_zsem.variational.states import lowest_weight_states, pack, unpack
 
 
 @pytest.mark.parametrize("H", [1, 7, 64, 65, 130])
@@ -15,30 +17,27 @@ def test_pack_round_trip_and_size(H):
 
 
 def brute_first_occurrence(words):
-    N, C, _ = words.shape
-    rep = np.empty((N, C), dtype=int)
-    for n in range(N):
-        for c in range(C):
-            rep[n, c] = next(j for j in range(C) if np.array_equal(words[n, j], words[n, c]))
-    return rep
+    return [next(j for j in range(len(words)) if np.array_equal(words[j], words[c])) for c in range(len(words))]
 
 
 @settings(max_examples=40, deadline=None)
-@given(H=st.sampled_from([3, 64, 70]), N=st.integers(1, 4), C=st.integers(1, 12), seed=st.integers(0, 10**6))
-def test_first_occurrence_matches_brute_force(H, N, C, seed):
+@given(H=st.sampled_from([3, 64, 70, 130]), C=st.integers(1, 40), table_bits=st.integers(0, 3),
+       seed=st.integers(0, 10**6))
+def test_deduplication_finds_the_first_equal_state(H, C, table_bits, seed):
+    """rep[c] = the first candidate equal to candidate c (c itself for a new state, listed in todo), for tables
+    from just large enough (every slot probed) to sparse."""
     rng = np.random.default_rng(seed)
     pool = rng.random((4, H)) < 0.5          # few distinct states → many duplicates
-    words = pack(pool[rng.integers(0, 4, size=(N, C))])
-    np.testing.assert_array_equal(first_occurrence(words), brute_first_occurrence(words))
-
-
-def test_unique_states_inverse():
-    rng = np.random.default_rng(0)
-    for H in (10, 100):
-        words = pack(rng.random((50, H)) < 0.05)
-        uniq, inv = unique_states(words)
-        np.testing.assert_array_equal(uniq[inv], words)
-        assert len({w.tobytes() for w in words}) == len(uniq)
+    words = pack(pool[rng.integers(0, 4, size=C)])
+    table = np.full(1 << (max(C - 1, 1).bit_length() + table_bits), -1, dtype=np.int64)
+    rep, todo = np.empty(C, dtype=np.int64), np.empty(C, dtype=np.int64)
+    split = C // 2                           # two calls: the second finds states of the first
+    count = _deduplicate(words, 0, split, table, rep, todo)
+    count2 = _deduplicate(words, split, C, table, rep, todo[count:])
+    expected = brute_first_occurrence(words)
+    np.testing.assert_array_equal(rep, expected)
+    np.testing.assert_array_equal(np.concatenate([todo[:count], todo[count:count + count2]]),
+                                  [c for c in range(C) if expected[c] == c])
 
 
 def test_lowest_weight_states():

@@ -8,190 +8,30 @@ b = Wᵀy, in the k×k information form (never the D×D covariance):
     M_A = Ψ_AA⁻¹ + G_AA/σ²,   r = Ψ_AA⁻¹ μ_A + b_A/σ²,   m = M_A⁻¹ r = E[z_A | s, y]
     log p(y, s) = log p(s) − D/2·log(2πσ²) − ½ log det Ψ_AA − ½ log det M_A
                   − ½ (yᵀy/σ² + μ_Aᵀ Ψ_AA⁻¹ μ_A − rᵀ m)
-Everything that depends on the state only (M_A⁻¹, the log-determinants, μ_Aᵀ Ψ_AA⁻¹ μ_A, Ψ_AA⁻¹ μ_A) is
-computed once per *distinct* state of a block, batched over states with the same k; per (patch, state)
-pair only the O(k²) product M_A⁻¹ r remains.
+The E-step runs in the compiled kernel (``hpc_zsem.variational.kernel``): the state-only terms (M_A⁻¹, the
+log-determinants, Ψ_AA⁻¹ μ_A, μ_Aᵀ Ψ_AA⁻¹ μ_A) of every state with k ≤ 2 are tabulated once per Θ, so a
+(patch, state) pair costs the O(k²) product M_A⁻¹ r; numpy/BLAS does the O(D·H) products B = Y W and
+S_ysz = Yᵀ⟨s⊙z⟩.
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 from scipy.linalg import cho_factor, cho_solve
-from scipy.special import logsumexp
 
 from hpc_zsem.models.base import PatchSummary
-from hpc_zsem.variational.evolution import EvolutionSettings, best_distinct, evolve, score_new
-from hpc_zsem.variational.states import lowest_weight_states, pack, unique_states, unpack
+from hpc_zsem.variational.evolution import EvolutionSettings, Scorer, evolve
+from hpc_zsem.variational.kernel import posterior, theta_terms
+from hpc_zsem.variational.states import lowest_weight_states, pack
 
 PI_FLOOR = 1e-6            # π stays in [PI_FLOOR, 1 − PI_FLOOR] so that log p(s) stays finite
 VARIANCE_FLOOR = 1e-8      # relative floor of σ² and of the slab variances Ψ_hh
+SIGMA2_ABSOLUTE_FLOOR = 1e-20  # σ² never below this, whatever the data (an all-zero image has E[y²] = 0)
 UNUSED_MASS = 1e-10        # a latent with Σ_n⟨s_h⟩ below this (× N) is "never used" in the M-step
-PAIR_CHUNK = 1 << 21       # pairs × k² numbers per vectorised chunk (bounds the temporary memory)
 
 log = logging.getLogger("hpc_zsem")
-
-
-@dataclass(frozen=True)
-class _Theta:
-    """Quantities derived from the parameters once per E-step call."""
-
-    W: np.ndarray
-    G: np.ndarray           # WᵀW
-    sigma2: float
-    psi: np.ndarray         # (H,) diagonal or (H, H) full slab covariance
-    mu: np.ndarray
-    log_odds: np.ndarray    # log π_h − log(1 − π_h)
-    log_p0: float           # log p(s = 0) = Σ_h log(1 − π_h)
-
-    @classmethod
-    def from_params(cls, params: dict[str, np.ndarray]) -> "_Theta":
-        W = params["W"]
-        pi = np.clip(params["pi"], PI_FLOOR, 1.0 - PI_FLOOR)
-        return cls(W=W, G=W.T @ W, sigma2=float(params["sigma2"]), psi=params["psi"], mu=params["mu"],
-                   log_odds=np.log(pi) - np.log1p(-pi), log_p0=float(np.log1p(-pi).sum()))
-
-    @property
-    def full_psi(self) -> bool:
-        return self.psi.ndim == 2
-
-
-@dataclass
-class _Group:
-    """Posterior quantities of all evaluated pairs whose state has k active units."""
-
-    pairs: np.ndarray       # (P_k,) positions in the evaluated pair list
-    active: np.ndarray      # (P_k, k) active units of each pair's state
-    m: np.ndarray           # (P_k, k) E[z_A | s, y]
-    state_active: np.ndarray  # (U_k, k) active units of each distinct state
-    cov: np.ndarray         # (U_k, k, k) M_A⁻¹ = Cov[z_A | s, y]
-    state: np.ndarray       # (P_k,) index of each pair's state in state_active/cov
-
-
-def _slab_prior_terms(theta: _Theta, A: np.ndarray):
-    """Per distinct state (rows of A, (U, k)): Ψ_AA⁻¹ (U, k, k), log det Ψ_AA, Ψ_AA⁻¹μ_A, μ_Aᵀ Ψ_AA⁻¹ μ_A."""
-    mu_A = theta.mu[A]
-    if theta.full_psi:
-        psi_AA = theta.psi[A[:, :, None], A[:, None, :]]
-        chol = np.linalg.cholesky(psi_AA)
-        logdet = 2.0 * np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
-        psi_inv = np.linalg.inv(psi_AA)
-        c = np.einsum("uij,uj->ui", psi_inv, mu_A)
-    else:
-        psi_A = theta.psi[A]
-        logdet = np.log(psi_A).sum(axis=1)
-        psi_inv = np.zeros(A.shape + (A.shape[1],))
-        idx = np.arange(A.shape[1])
-        psi_inv[:, idx, idx] = 1.0 / psi_A
-        c = mu_A / psi_A
-    return psi_inv, logdet, c, np.einsum("ui,ui->u", mu_A, c)
-
-
-def _state_terms(theta: _Theta, A: np.ndarray):
-    """Per distinct state: M_A⁻¹ (U, k, k), Ψ_AA⁻¹μ_A (U, k), and the state-only part of log p(y, s):
-    log p(s) − ½ log det Ψ_AA − ½ log det M_A − ½ μ_Aᵀ Ψ_AA⁻¹ μ_A."""
-    psi_inv, logdet_psi, c, mu_c = _slab_prior_terms(theta, A)
-    M = psi_inv + theta.G[A[:, :, None], A[:, None, :]] / theta.sigma2
-    chol = np.linalg.cholesky(M)
-    logdet_M = 2.0 * np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
-    chol_inv = np.linalg.inv(chol)
-    cov = np.einsum("uki,ukj->uij", chol_inv, chol_inv)
-    const = theta.log_p0 + theta.log_odds[A].sum(axis=1) - 0.5 * (logdet_psi + logdet_M + mu_c)
-    return cov, c, const
-
-
-def _chunks(n: int, size: int):
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
-
-
-def evaluate_pairs(theta: _Theta, B: np.ndarray, yy: np.ndarray, rows: np.ndarray, words: np.ndarray,
-                   keep_groups: bool = False) -> tuple[np.ndarray, list[_Group]]:
-    """Log-joints log p(y_n, s) for the pairs (patch rows[p], packed state words[p]) of a block, given
-    B = Y W (N, H), i.e. b_n = Wᵀy_n, and yy = ‖y_n‖². Returns lpj (P,) and, with keep_groups, the posterior moments grouped by k."""
-    H = theta.W.shape[1]
-    D = theta.W.shape[0]
-    uniq, inverse = unique_states(words)
-    bits = unpack(uniq, H)
-    k_of_state = bits.sum(axis=1)
-    k_of_pair = k_of_state[inverse]
-    lpj = np.empty(rows.shape[0])
-    groups: list[_Group] = []
-    for k in np.unique(k_of_state):
-        states = np.flatnonzero(k_of_state == k)
-        pairs = np.flatnonzero(k_of_pair == k)
-        if k == 0:
-            lpj[pairs] = theta.log_p0
-            continue
-        state_active = np.nonzero(bits[states])[1].reshape(-1, k)
-        cov, c, const = _state_terms(theta, state_active)
-        local = np.empty(uniq.shape[0], dtype=np.int64)
-        local[states] = np.arange(states.size)
-        state = local[inverse[pairs]]
-        active = state_active[state]
-        m = np.empty((pairs.size, k))
-        for part in _chunks(pairs.size, max(1, PAIR_CHUNK // (k * k))):
-            r = c[state[part]] + B[rows[pairs[part], None], active[part]] / theta.sigma2
-            m[part] = np.einsum("pij,pj->pi", cov[state[part]], r)
-            lpj[pairs[part]] = const[state[part]] + 0.5 * np.einsum("pi,pi->p", r, m[part])
-        if keep_groups:
-            groups.append(_Group(pairs, active, m, state_active, cov, state))
-    lpj += -0.5 * yy[rows] / theta.sigma2 - 0.5 * D * np.log(2.0 * np.pi * theta.sigma2)
-    return lpj, groups
-
-
-def _pair_index(A: np.ndarray, H: int) -> np.ndarray:
-    """Flat indices h·H + h' of all (h, h') ∈ A×A, shape (P, k·k)."""
-    return (A[:, :, None] * H + A[:, None, :]).reshape(A.shape[0], -1)
-
-
-def _bincount(index: np.ndarray, weights: np.ndarray, length: int) -> np.ndarray:
-    return np.bincount(index.ravel(), weights=np.broadcast_to(weights, index.shape).ravel(), minlength=length)
-
-
-def posterior_mean_sz(groups: list[_Group], q: np.ndarray, rows: np.ndarray, n_patches: int, H: int) -> np.ndarray:
-    """⟨s⊙z⟩_n = Σ_{s∈K_n} q_n(s) · scatter_A(m_{n,s}), shape (N, H)."""
-    out = np.zeros(n_patches * H)
-    for g in groups:
-        out += _bincount(rows[g.pairs, None] * H + g.active, q[g.pairs, None] * g.m, n_patches * H)
-    return out.reshape(n_patches, H)
-
-
-def sufficient_statistics(groups: list[_Group], q: np.ndarray, rows: np.ndarray, Y: np.ndarray, H: int,
-                          full_psi: bool) -> dict[str, np.ndarray]:
-    """The M-step sums over patches n and states s ∈ K_n weighted by q_n(s) (float64):
-    S_s = Σ⟨s⟩, S_sz = Σ⟨s⊙z⟩, S_szsz = Σ⟨(s⊙z)(s⊙z)ᵀ⟩ (with ⟨z_A z_Aᵀ⟩ = M_A⁻¹ + m mᵀ), S_ysz = Σ y⟨s⊙z⟩ᵀ,
-    Σ‖y‖², and for a full Ψ also S_ss = Σ⟨s sᵀ⟩ and T_hh' = Σ q s_h s_h' E[z_h']."""
-    HH = H * H
-    stats = {"S_s": np.zeros(H), "S_sz": np.zeros(H), "S_szsz": np.zeros(HH)}
-    if full_psi:
-        stats["S_ss"] = np.zeros(HH)
-        stats["T"] = np.zeros(HH)
-    for g in groups:
-        k = g.active.shape[1]
-        state_weight = np.bincount(g.state, weights=q[g.pairs], minlength=g.cov.shape[0])
-        stats["S_szsz"] += _bincount(_pair_index(g.state_active, H),
-                                     (state_weight[:, None, None] * g.cov).reshape(len(state_weight), -1), HH)
-        for part in _chunks(g.pairs.size, max(1, PAIR_CHUNK // (k * k))):   # bounds the (pairs × k²) temporaries
-            qk, m, active = q[g.pairs[part], None], g.m[part], g.active[part]
-            stats["S_s"] += _bincount(active, qk, H)
-            stats["S_sz"] += _bincount(active, qk * m, H)
-            pair_idx = _pair_index(active, H)
-            stats["S_szsz"] += _bincount(pair_idx, (qk[:, :, None] * m[:, :, None] * m[:, None, :]).reshape(len(qk), -1),
-                                         HH)
-            if full_psi:
-                stats["S_ss"] += _bincount(pair_idx, qk, HH)
-                t_weights = np.broadcast_to((qk * m)[:, None, :], (len(qk), k, k))   # [i, j] = q·m_j
-                stats["T"] += _bincount(pair_idx, t_weights.reshape(len(qk), -1), HH)
-    mean_sz = posterior_mean_sz(groups, q, rows, Y.shape[0], H)
-    for name in ("S_szsz", "S_ss", "T"):
-        if name in stats:
-            stats[name] = stats[name].reshape(H, H)
-    stats["S_ysz"] = Y.T @ mean_sz
-    stats["yy"] = np.array(np.einsum("nd,nd->", Y, Y))
-    return stats
 
 
 class SSSC:
@@ -206,6 +46,7 @@ class SSSC:
         self.evolution = evolution
         self.full_psi = psi == "full"
         self._reported: set[str] = set()
+        self._theta_cache: tuple[dict[str, np.ndarray], tuple] | None = None
 
     def _repaired(self, what: str) -> None:
         """Log a deterministic M-step repair once per kind (every rank repairs alike; rank 0 logs)."""
@@ -223,8 +64,8 @@ class SSSC:
         return {"W": W, "pi": np.full(H, min(2.0 / H, 0.5)), "mu": np.zeros(H),
                 "psi": np.eye(H) if self.full_psi else np.ones(H), "sigma2": np.array(sigma2)}
 
-    def init_block_state(self, Y: np.ndarray, params: dict[str, np.ndarray], rng: np.random.Generator,
-                         refine_rngs: Sequence[np.random.Generator] = ()) -> np.ndarray:
+    def init_block_state(self, Y: np.ndarray, params: dict[str, np.ndarray], rng,
+                         refine_rngs: Sequence = ()) -> np.ndarray:
         """K_n = the S best distinct states (under the initial Θ) among the S lowest-weight states and S
         states drawn from the prior, then improved by ``len(refine_rngs)`` frozen-Θ E-steps (as ``refine``,
         reusing the log-joints the selection already has); returns (N, S, ⌈H/64⌉) packed states."""
@@ -232,68 +73,66 @@ class SSSC:
         fixed = np.broadcast_to(lowest_weight_states(H, S), (N, S, H))
         drawn = rng.random((N, S, H)) < np.clip(params["pi"], PI_FLOOR, 1.0 - PI_FLOOR)
         candidates = pack(np.concatenate([fixed, drawn], axis=1))
-        score = self._scorer(self._block_terms(Y, params))
-        lpj = score_new(candidates, np.full(candidates.shape[:2], np.nan), 0, score)
-        keep, _ = best_distinct(candidates, lpj, S)
-        K = np.take_along_axis(candidates, keep[:, :, None], axis=1)
-        return self._evolve_frozen(K, np.take_along_axis(lpj, keep, axis=1), params, score, refine_rngs)
+        scorer = self._scorer(Y, params)
+        K, lpj, _ = evolve(candidates, None, H, self.evolution, _expected_active(params), scorer, None, generations=0)
+        return self._evolve_frozen(K, lpj, params, scorer, refine_rngs)
 
     # ----------------------------------------------------------------- E-step
-    @staticmethod
-    def _block_terms(Y: np.ndarray, params: dict[str, np.ndarray]):
-        """Θ-derived quantities, B = Y W and ‖y_n‖² of a block: computed once per block and E-step."""
-        theta = _Theta.from_params(params)
-        return theta, Y @ theta.W, np.einsum("nd,nd->n", Y, Y)
+    def _theta(self, params: dict[str, np.ndarray]) -> tuple:
+        """The kernel's Θ terms (G = WᵀW, log-odds, the tabulated k ≤ 2 state terms, …), computed once per Θ:
+        every block of an E-step reuses them (the parameters are compared by value)."""
+        cached = self._theta_cache
+        if cached is not None and cached[0].keys() == params.keys() and all(
+                np.array_equal(cached[0][key], params[key]) for key in params):
+            return cached[1]
+        W = params["W"]
+        pi = np.clip(params["pi"], PI_FLOOR, 1.0 - PI_FLOOR)
+        theta = theta_terms(W.T @ W, float(params["sigma2"]), params["psi"], params["mu"],
+                            np.log(pi) - np.log1p(-pi), float(np.log1p(-pi).sum()))
+        self._theta_cache = ({key: np.array(value, copy=True) for key, value in params.items()}, theta)
+        return theta
 
-    @staticmethod
-    def _scorer(terms):
-        theta, B, yy = terms
-        return lambda rows, words: evaluate_pairs(theta, B, yy, rows, words)[0]
+    def _scorer(self, Y: np.ndarray, params: dict[str, np.ndarray]) -> Scorer:
+        """Θ terms, B = Y W and the per-patch tails −½‖y_n‖²/σ² − D/2·log 2πσ² of a block."""
+        sigma2 = float(params["sigma2"])
+        tails = -0.5 * np.einsum("nd,nd->n", Y, Y) / sigma2 - 0.5 * Y.shape[1] * np.log(2.0 * np.pi * sigma2)
+        return Scorer(self._theta(params), np.ascontiguousarray(Y @ params["W"]), tails)
 
-    @staticmethod
-    def _posterior(terms, K: np.ndarray):
-        """Log-joints (N, S) of the truncated sets, q_n(s) flattened, and the grouped posterior moments."""
-        N, S, _ = K.shape
-        rows = np.repeat(np.arange(N), S)
-        lpj, groups = evaluate_pairs(*terms, rows, K.reshape(N * S, -1), keep_groups=True)
-        lpj = lpj.reshape(N, S)
-        log_norm = logsumexp(lpj, axis=1)
-        q = np.exp(lpj - log_norm[:, None]).ravel()
-        return lpj, log_norm, q, rows, groups
-
-    def e_step(self, Y: np.ndarray, params: dict[str, np.ndarray], K: np.ndarray, rng: np.random.Generator):
+    def e_step(self, Y: np.ndarray, params: dict[str, np.ndarray], K: np.ndarray, rng):
         """Statistics of q(K, Θ) for the M-step and the free energy Σ_n log Σ_{s∈K_n} p(s, y_n), then one
-        evolutionary improvement of K under the same Θ (used by the next epoch)."""
-        terms = self._block_terms(Y, params)
-        lpj, log_norm, q, rows, groups = self._posterior(terms, K)
-        stats = sufficient_statistics(groups, q, rows, Y, self.H, self.full_psi)
+        evolutionary improvement of K under the same Θ (used by the next epoch). The statistics are
+        S_s = Σ⟨s⟩, S_sz = Σ⟨s⊙z⟩, S_szsz = Σ⟨(s⊙z)(s⊙z)ᵀ⟩ (with ⟨z_A z_Aᵀ⟩ = M_A⁻¹ + m mᵀ), S_ysz = Σ y⟨s⊙z⟩ᵀ,
+        Σ‖y‖², and for a full Ψ also S_ss = Σ⟨s sᵀ⟩ and T_hh' = Σ q s_h s_h' E[z_h']."""
+        scorer = self._scorer(Y, params)
+        K = np.ascontiguousarray(K, dtype=np.uint64)
+        lpj, log_norm, mean_sz, sums, pair_sums = posterior(*scorer, K, 2)
+        stats = {"S_s": sums[0], "S_sz": sums[1], "S_szsz": pair_sums[0]}
+        if self.full_psi:
+            stats["S_ss"], stats["T"] = pair_sums[1], pair_sums[2]
+        stats["S_ysz"] = Y.T @ mean_sz
+        stats["yy"] = np.array(np.einsum("nd,nd->", Y, Y))
         stats["free_energy"] = np.array(log_norm.sum())
         stats["N"] = np.array(float(Y.shape[0]))
-        new_K, _, accepted = evolve(K, lpj, self.H, self.evolution, _expected_active(params), self._scorer(terms),
-                                    rng)
+        new_K, _, accepted = evolve(K, lpj, self.H, self.evolution, _expected_active(params), scorer, rng)
         stats["accepted"] = np.array(float(accepted))
         return new_K, stats
 
-    def refine(self, Y: np.ndarray, params: dict[str, np.ndarray], K: np.ndarray,
-               rngs: list[np.random.Generator]) -> np.ndarray:
+    def refine(self, Y: np.ndarray, params: dict[str, np.ndarray], K: np.ndarray, rngs: list) -> np.ndarray:
         """``len(rngs)`` evolutionary E-steps with Θ frozen and no statistics; the log-joints of K are
-        scored once and carried from step to step (under a fixed Θ they do not change)."""
-        N, S, _ = K.shape
-        score = self._scorer(self._block_terms(Y, params))
-        lpj = score(np.repeat(np.arange(N), S), K.reshape(N * S, -1)).reshape(N, S)
-        return self._evolve_frozen(K, lpj, params, score, rngs)
+        scored once (in the first step) and carried from step to step (under a fixed Θ they do not change)."""
+        return self._evolve_frozen(K, None, params, self._scorer(Y, params), rngs)
 
-    def _evolve_frozen(self, K: np.ndarray, lpj: np.ndarray, params: dict[str, np.ndarray], score,
-                       rngs: Sequence[np.random.Generator]) -> np.ndarray:
+    def _evolve_frozen(self, K: np.ndarray, lpj: np.ndarray | None, params: dict[str, np.ndarray], scorer: Scorer,
+                       rngs: Sequence) -> np.ndarray:
         """One evolutionary E-step per rng under a fixed Θ, carrying the log-joints of K along."""
         for rng in rngs:
-            K, lpj, _ = evolve(K, lpj, self.H, self.evolution, _expected_active(params), score, rng)
+            K, lpj, _ = evolve(K, lpj, self.H, self.evolution, _expected_active(params), scorer, rng)
         return K
 
     def estimate(self, Y: np.ndarray, params: dict[str, np.ndarray], K: np.ndarray) -> np.ndarray:
         """Posterior-predictive mean of the clean patch: ŷ_n = Σ_{s∈K_n} q_n(s) W_A m_{n,s} = W ⟨s⊙z⟩_n."""
-        _, _, q, rows, groups = self._posterior(self._block_terms(Y, params), K)
-        return posterior_mean_sz(groups, q, rows, Y.shape[0], self.H) @ params["W"].T
+        mean_sz = posterior(*self._scorer(Y, params), K, 1)[2]
+        return mean_sz @ params["W"].T
 
     # ----------------------------------------------------------------- M-step
     def m_step(self, params: dict[str, np.ndarray], stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -315,7 +154,7 @@ class SSSC:
             psi = np.where(used, np.diagonal(S_szsz) / safe_S_s - mu**2, params["psi"])
             psi = np.maximum(psi, VARIANCE_FLOOR * max(1.0, float(np.abs(psi).max())))
         residual = float(stats["yy"]) - 2.0 * np.sum(W * S_ysz) + np.sum((W.T @ W) * S_szsz)
-        floor = VARIANCE_FLOOR * float(stats["yy"]) / (N * D)
+        floor = max(VARIANCE_FLOOR * float(stats["yy"]) / (N * D), SIGMA2_ABSOLUTE_FLOOR)
         if residual / (N * D) < floor:
             self._repaired(f"σ² → 0 (the model explains the data exactly); floored at {floor:.3g}")
         sigma2 = max(residual / (N * D), floor)

@@ -1,0 +1,677 @@
+"""The compiled ES3C E-step (numba): log-joints of (patch, state) pairs in the information form, the posterior
+statistics of the truncated sets, and the evolutionary search of every patch — selection, crossover, mutation,
+de-duplication and the merge of the S best distinct states — with no Python work per (patch, state) pair.
+
+Maths (DESIGN.md §1.1). A packed state s with active set A (k = |A|), G = WᵀW, b_n = Wᵀy_n:
+    M_A = Ψ_AA⁻¹ + G_AA/σ²,   c_A = Ψ_AA⁻¹ μ_A,   r = c_A + b_A/σ²,   m = M_A⁻¹ r
+    log p(y_n, s) = const_A + ½ rᵀm + tail_n
+    const_A = log p(s) − ½ log det Ψ_AA − ½ log det M_A − ½ μ_Aᵀ c_A,   tail_n = −½ ‖y_n‖²/σ² − D/2·log(2πσ²)
+The state-only terms (M_A⁻¹, c_A, const_A) of every state with k ≤ 2 are tabulated once per Θ (``theta_terms``);
+states with k > 2 (≈2 % of the truncated sets' states, ≈30 % of the children) are factorised where they occur:
+a square-root-free Cholesky factorisation M_A = L D Lᵀ for the log-joint, a Cholesky factor and its inverse
+where the statistics need M_A⁻¹.
+
+The kernels release the GIL; ``run_split`` splits a block's patches among ``set_threads(n)`` Python threads. A
+patch's results never depend on which thread handles it, and the statistics are summed over a fixed number of
+parts of the block, added in a fixed order, so results do not depend on the thread count. The random numbers
+are drawn outside (``hpc_zsem.variational.evolution``) in the order and shapes the numpy E-step used, so the
+truncated sets are exactly those of that E-step.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from numba import njit
+from numba.cpython.unsafe.numbers import trailing_zeros
+
+log = logging.getLogger("hpc_zsem")
+
+# No kernel allocates (every buffer comes from Python), so none needs numba's reference counting, which would
+# otherwise cost atomic operations on every array handed to an inlined helper.
+JIT = dict(cache=True, nogil=True, error_model="numpy", _nrt=False)
+INLINE = dict(JIT, inline="always")   # per-element helpers: no call overhead in the loops that use them
+SELECTIONS = ("fitness", "uniform", "best")      # codes 0, 1, 2 in the kernel
+MUTATIONS = ("random", "sparse")                 # codes 0, 1
+STATS_PARTS = 4          # parts of a block whose sums are added in order (threads take whole parts)
+_ONE = np.uint64(1)
+_HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
+
+
+# ----------------------------------------------------------------------------------------------- states
+@njit(**INLINE)
+def _active_units(words, row, out):
+    """Fill out[row, :k] with the active units h (increasing) of the packed state words[row] (bit h mod 64 of
+    word h // 64); returns k."""
+    k = 0
+    for w in range(words.shape[1]):
+        x = words[row, w]
+        while x != 0:
+            out[row, k] = 64 * w + np.int64(trailing_zeros(x))
+            k += 1
+            x &= x - _ONE
+    return k
+
+
+@njit(**INLINE)
+def _flip(words, row, h):
+    """Flip bit h of the packed state words[row] in place."""
+    words[row, h >> 6] ^= _ONE << np.uint64(h & 63)
+
+
+@njit(**INLINE)
+def _bit(words, row, h):
+    """Bit h (0 or 1) of the packed state words[row]."""
+    return (words[row, h >> 6] >> np.uint64(h & 63)) & _ONE
+
+
+# ----------------------------------------------------------------------------------------------- small dense algebra
+@njit(**JIT)
+def _cholesky(M, k):
+    """In place, the lower Cholesky factor L of M[:k, :k] = L Lᵀ; returns log det M = 2 Σ_i log L_ii
+    (NaN if M is not positive definite)."""
+    half_logdet = 0.0
+    for j in range(k):
+        s = M[j, j]
+        for p in range(j):
+            s -= M[j, p] * M[j, p]
+        if not s > 0.0:
+            return np.nan
+        d = np.sqrt(s)
+        M[j, j] = d
+        half_logdet += np.log(d)
+        for i in range(j + 1, k):
+            s = M[i, j]
+            for p in range(j):
+                s -= M[i, p] * M[j, p]
+            M[i, j] = s / d
+    return 2.0 * half_logdet
+
+
+@njit(**JIT)
+def _inverse_from_cholesky(L, k, out):
+    """out[:k, :k] = M⁻¹ = L⁻ᵀ L⁻¹ for the Cholesky factor L of M (L is overwritten by L⁻¹)."""
+    for j in range(k):
+        L[j, j] = 1.0 / L[j, j]
+        for i in range(j + 1, k):
+            s = 0.0
+            for p in range(j, i):
+                s -= L[i, p] * L[p, j]
+            L[i, j] = s / L[i, i]
+    for i in range(k):
+        for j in range(i, k):
+            s = 0.0
+            for p in range(j, k):
+                s += L[p, i] * L[p, j]
+            out[i, j] = s
+            out[j, i] = s
+
+
+# ----------------------------------------------------------------------------------------------- state terms
+# θ = (Ψ as (1, H) or (H, H), G/σ², μ, log-odds, [σ², log p(0)], per-unit diag-Ψ terms (H, 4) [1/ψ_h, μ_h/ψ_h,
+#      log ψ_h, μ_h²/ψ_h], the k = 1 table (H, 3), the k = 2 table (H(H−1)/2, 6)) — see ``theta_terms``.
+@njit(**JIT)
+def _precision(psi, G_scaled, mu, unit, log_odds, log_p0, A, k, M, tmp, c):
+    """M[:k, :k] = M_A = Ψ_AA⁻¹ + G_AA/σ², c = Ψ_AA⁻¹ μ_A (Ψ diagonal: from the per-unit terms; full: from the
+    Cholesky factor of Ψ_AA, ``tmp`` is k×k scratch); returns the state-only part of the log-joint without its
+    −½ log det M_A term: log p(s) − ½ log det Ψ_AA − ½ μ_Aᵀ Ψ_AA⁻¹ μ_A."""
+    logdet_psi, mu_c = 0.0, 0.0
+    if psi.shape[0] == 1:
+        for i in range(k):
+            h = A[i]
+            for j in range(k):
+                M[i, j] = 0.0
+            M[i, i] = unit[h, 0]
+            c[i] = unit[h, 1]
+            logdet_psi += unit[h, 2]
+            mu_c += unit[h, 3]
+    else:
+        for i in range(k):
+            for j in range(k):
+                tmp[i, j] = psi[A[i], A[j]]
+        logdet_psi = _cholesky(tmp, k)
+        _inverse_from_cholesky(tmp, k, M)
+        for i in range(k):
+            s = 0.0
+            for j in range(k):
+                s += M[i, j] * mu[A[j]]
+            c[i] = s
+        for i in range(k):
+            mu_c += mu[A[i]] * c[i]
+    for i in range(k):
+        for j in range(k):
+            M[i, j] = M[i, j] + G_scaled[A[i], A[j]]
+    prior = 0.0
+    for i in range(k):
+        prior += log_odds[A[i]]
+    return log_p0 + prior - 0.5 * (logdet_psi + mu_c)
+
+
+@njit(**JIT)
+def _state_terms(theta, A, k, work, tmp, cov, c):
+    """For the active set A[:k]: cov = M_A⁻¹ (from the Cholesky factor of M_A), c = Ψ_AA⁻¹ μ_A; returns
+    const_A = log p(s) − ½ log det Ψ_AA − ½ log det M_A − ½ μ_Aᵀ Ψ_AA⁻¹ μ_A."""
+    const = _precision(theta[0], theta[1], theta[2], theta[5], theta[3], theta[4][1], A, k, work, tmp, c)
+    logdet_M = _cholesky(work, k)
+    _inverse_from_cholesky(work, k, cov)
+    return const - 0.5 * logdet_M
+
+
+@njit(**JIT)
+def _solve_state(psi, G_scaled, mu, unit, log_odds, scalars, b, A, k, work, tmp, c, m, row):
+    """const_A + ½ rᵀm for one patch (b = Wᵀy) and a state with k > 2 active units A[:k], with r = c + b_A/σ²
+    and m = M_A⁻¹ r into m[row, :k], by the square-root-free Cholesky factorisation M_A = L D Lᵀ (unit lower
+    L): log det M_A = Σ log D_jj, w = L⁻¹ r, rᵀm = Σ w_j²/D_jj, m = L⁻ᵀ D⁻¹ w."""
+    const = _precision(psi, G_scaled, mu, unit, log_odds, scalars[1], A, k, work, tmp, c)
+    product, log_det = 1.0, 0.0
+    for j in range(k):                                  # L D Lᵀ in place: D on the diagonal, L below it
+        d = work[j, j]
+        for p in range(j):
+            d -= work[j, p] * work[j, p] * work[p, p]
+        work[j, j] = d
+        for i in range(j + 1, k):
+            s = work[i, j]
+            for p in range(j):
+                s -= work[i, p] * work[j, p] * work[p, p]
+            work[i, j] = s / d
+        product *= d
+        if not 1e-150 < product < 1e150:                # one log per pivot only when the product would overflow
+            log_det += np.log(product)
+            product = 1.0
+    log_det += np.log(product)
+    rm = 0.0
+    for i in range(k):                                  # w = L⁻¹ r (into m)
+        s = c[i] + b[A[i]] / scalars[0]
+        for j in range(i):
+            s -= work[i, j] * m[row, j]
+        m[row, i] = s
+        rm += s * s / work[i, i]
+    for i in range(k - 1, -1, -1):                      # m = L⁻ᵀ D⁻¹ w
+        s = m[row, i] / work[i, i]
+        for j in range(i + 1, k):
+            s -= work[j, i] * m[row, j]
+        m[row, i] = s
+    return (const - 0.5 * log_det) + 0.5 * rm
+
+
+@njit(**JIT)
+def _pair_index(h, l, H):
+    """Position of the unit pair h < l in the row-major upper triangle of an H×H matrix."""
+    return h * H - (h * (h + 1)) // 2 + (l - h - 1)
+
+
+@njit(**JIT)
+def _tabulate(theta, unit, one, two, scratch):
+    """The per-unit diagonal-Ψ terms (``unit``), and the state terms of every state with one active unit (rows
+    (cov, c, const) of ``one``) and with two (rows (cov₀₀, cov₀₁, cov₁₁, c₀, c₁, const) of ``two``, at
+    ``_pair_index``)."""
+    psi, mu = theta[0], theta[2]
+    H = one.shape[0]
+    if psi.shape[0] == 1:
+        for h in range(H):
+            unit[h, 0], unit[h, 1], unit[h, 2] = 1.0 / psi[0, h], mu[h] / psi[0, h], np.log(psi[0, h])
+            unit[h, 3] = mu[h] * unit[h, 1]
+    A, work, tmp, cov, c = scratch
+    for h in range(H):
+        A[0] = h
+        const = _state_terms(theta, A, 1, work, tmp, cov, c)
+        one[h, 0], one[h, 1], one[h, 2] = cov[0, 0], c[0], const
+        for l in range(h + 1, H):
+            A[1] = l
+            const = _state_terms(theta, A, 2, work, tmp, cov, c)
+            t = _pair_index(h, l, H)
+            two[t, 0], two[t, 1], two[t, 2], two[t, 3], two[t, 4], two[t, 5] = (
+                cov[0, 0], cov[0, 1], cov[1, 1], c[0], c[1], const)
+
+
+def theta_terms(G, sigma2, psi, mu, log_odds, log_p0):
+    """The Θ-derived arrays every kernel takes (the θ tuple described above)."""
+    H = G.shape[0]
+    ensure_compiled()
+    theta = (np.ascontiguousarray(psi.reshape(1, H) if psi.ndim == 1 else psi, dtype=np.float64),
+             np.ascontiguousarray(G / sigma2, dtype=np.float64), np.ascontiguousarray(mu, dtype=np.float64),
+             np.ascontiguousarray(log_odds, dtype=np.float64), np.array([sigma2, log_p0], dtype=np.float64),
+             np.zeros((H, 4)), np.empty((H, 3)), np.empty((H * (H - 1) // 2, 6)))
+    _tabulate(theta, theta[5], theta[6], theta[7], _scratch(2))
+    return theta
+
+
+def _scratch(H):
+    """Scratch of the state terms (any k ≤ H): A, work, tmp, cov, c."""
+    return np.empty(H, dtype=np.int64), np.empty((H, H)), np.empty((H, H)), np.empty((H, H)), np.empty(H)
+
+
+def _candidates(C, W, H):
+    """Buffers of C scored candidates of a patch: states (C, W), rows 0…C−1, log-joints, active units
+    (C, H), their counts k, posterior means m (C, H)."""
+    return (np.empty((C, W), dtype=np.uint64), np.arange(C), np.empty(C), np.empty((C, H), dtype=np.int64),
+            np.empty(C, dtype=np.int64), np.empty((C, H)))
+
+
+@njit(**JIT)
+def _score(theta, B, n, tail, cand, rows, count, lpj, units, ks, moments, scratch):
+    """For the candidates c = rows[:count] of patch n: lpj[c] = log p(y_n, cand[c]) = const_A + ½ rᵀm + tail
+    with r = c_A + b_A/σ², m = M_A⁻¹ r (b = B[n] = Wᵀy_n); also ks[c] = k, units[c, :k] = A, moments[c, :k] = m.
+    States with k ≤ 2 use the tables (closed forms), others an L D Lᵀ factorisation (``_solve_state``)."""
+    psi, G_scaled, mu, log_odds, scalars, unit, one, two = theta
+    sigma2, log_p0 = scalars[0], scalars[1]
+    A, work, tmp, _, cvec = scratch
+    H = one.shape[0]
+    b = B[n]
+    for i in range(count):
+        c = rows[i]
+        k = _active_units(cand, c, units)
+        ks[c] = k
+        if k == 0:
+            value = log_p0
+        elif k == 1:
+            h = units[c, 0]
+            r0 = one[h, 1] + b[h] / sigma2
+            m0 = one[h, 0] * r0
+            moments[c, 0] = m0
+            value = one[h, 2] + 0.5 * (r0 * m0)
+        elif k == 2:
+            h, l = units[c, 0], units[c, 1]
+            t = _pair_index(h, l, H)
+            r0 = two[t, 3] + b[h] / sigma2
+            r1 = two[t, 4] + b[l] / sigma2
+            m0 = two[t, 0] * r0 + two[t, 1] * r1
+            m1 = two[t, 1] * r0 + two[t, 2] * r1
+            moments[c, 0], moments[c, 1] = m0, m1
+            value = two[t, 5] + 0.5 * (r0 * m0 + r1 * m1)
+        else:
+            for j in range(k):
+                A[j] = units[c, j]
+            value = _solve_state(psi, G_scaled, mu, unit, log_odds, scalars, b, A, k, work, tmp, cvec, moments, c)
+        lpj[c] = value + tail
+
+
+# ----------------------------------------------------------------------------------------------- posterior
+@njit(**JIT)
+def _accumulate(theta, n, q, S, units, ks, moments, scratch, part, mean_sz, sums, pair_sums):
+    """Add the posterior moments of patch n's S states, weighted by q[s] = q_n(s), to ⟨s⊙z⟩_n (mean_sz[n])
+    and, when ``sums`` has H columns, to the M-step sums of ``part``: S_s += q s, S_sz += q m,
+    S_szsz += q (M_A⁻¹ + m mᵀ), and for a full Ψ S_ss += q s sᵀ, T_hh' += q s_h m_h'."""
+    one, two = theta[6], theta[7]
+    A, work, tmp, cov, c = scratch
+    H = one.shape[0]
+    stats = sums.shape[2] > 0
+    full = pair_sums.shape[1] == 3
+    for s in range(S):
+        k = ks[s]
+        for i in range(k):
+            mean_sz[n, units[s, i]] += q[s] * moments[s, i]
+        if not stats or k == 0:
+            continue
+        if k == 1:
+            cov[0, 0] = one[units[s, 0], 0]
+        elif k == 2:
+            t = _pair_index(units[s, 0], units[s, 1], H)
+            cov[0, 0], cov[0, 1], cov[1, 0], cov[1, 1] = two[t, 0], two[t, 1], two[t, 1], two[t, 2]
+        else:
+            for i in range(k):
+                A[i] = units[s, i]
+            _state_terms(theta, A, k, work, tmp, cov, c)
+        for i in range(k):
+            h = units[s, i]
+            sums[part, 0, h] += q[s]
+            sums[part, 1, h] += q[s] * moments[s, i]
+            for j in range(k):
+                pair_sums[part, 0, h, units[s, j]] += q[s] * (cov[i, j] + moments[s, i] * moments[s, j])
+                if full:
+                    pair_sums[part, 1, h, units[s, j]] += q[s]
+                    pair_sums[part, 2, h, units[s, j]] += q[s] * moments[s, j]
+
+
+@njit(**JIT)
+def posterior_parts(theta, B, tails, K, want, first, last, lpj, log_norm, mean_sz, sums, pair_sums, scratch, buffers,
+                    q):
+    """For the parts first … last−1 of a block (part p: patches [p·N/P, (p+1)·N/P) of N, P = len(sums)):
+    log-joints lpj (N, S) of the truncated sets K (N, S, W) and log Σ_s p(s, y_n) (N,); with want ≥ 1
+    ⟨s⊙z⟩_n = Σ_s q_n(s) scatter_A(m_{n,s}) into mean_sz (N, H); with want = 2 also the part's sums
+    [S_s, S_sz] into sums (P, 2, H) and [S_szsz, (S_ss, T for a full Ψ)] into pair_sums (P, 1 or 3, H, H)."""
+    N, S, W = K.shape
+    P = sums.shape[0]
+    cand, rows, values, units, ks, moments = buffers
+    for part in range(first, last):
+        for n in range(part * N // P, (part + 1) * N // P):
+            for s in range(S):
+                for w in range(W):
+                    cand[s, w] = K[n, s, w]
+            _score(theta, B, n, tails[n], cand, rows, S, values, units, ks, moments, scratch)
+            top = -np.inf
+            for s in range(S):
+                lpj[n, s] = values[s]
+                top = max(top, values[s])
+            total = 0.0
+            for s in range(S):
+                q[s] = np.exp(values[s] - top)
+                total += q[s]
+            log_norm[n] = np.log(total) + top
+            if want >= 1:
+                for s in range(S):
+                    q[s] /= total               # q_n(s) = p(s, y_n) / Σ_s' p(s', y_n)
+                _accumulate(theta, n, q, S, units, ks, moments, scratch, part, mean_sz, sums, pair_sums)
+
+
+# ----------------------------------------------------------------------------------------------- evolution
+@njit(**JIT)
+def _select(lpj, start, C, n_parents, rule, u, g, n, keys, out):
+    """The n_parents population members (lpj[start:start+C]) with the largest keys, largest first, ties by
+    index (the order of ``argsort(−keys)``): keys lpj (best), u (uniform), or log(u)/(lpj − min lpj + 1)
+    (fitness: Efraimidis–Spirakis sampling without replacement ∝ lpj − min + 1), with u = u[g, n]; all members
+    in order if n_parents ≥ C. Returns the number selected."""
+    if n_parents >= C:
+        for i in range(C):
+            out[i] = i
+        return C
+    low = np.inf
+    for i in range(C):
+        low = min(low, lpj[start + i])
+    count = 0
+    for i in range(C):
+        if rule == 2:
+            key = lpj[start + i]
+        elif rule == 1:
+            key = u[g, n, i]
+        else:
+            key = np.log(u[g, n, i] + 1e-300) / ((lpj[start + i] - low) + 1.0)
+        if count == n_parents:
+            if not key > keys[count - 1]:
+                continue
+            count -= 1
+        j = count
+        while j > 0 and key > keys[j - 1]:
+            keys[j] = keys[j - 1]
+            out[j] = out[j - 1]
+            j -= 1
+        keys[j] = key
+        out[j] = i
+        count += 1
+    return n_parents
+
+
+@njit(**JIT)
+def _crossover(parents, P, H, step, u, g, n, out):
+    """Uniform crossover: child i takes bit h from parent i where u[g, n, i, h] < ½, else from parent
+    (i + step[g, n, i]) mod P."""
+    for i in range(P):
+        mate = (i + step[g, n, i]) % P
+        for w in range(parents.shape[1]):
+            out[i, w] = parents[mate, w]
+        for h in range(H):
+            if u[g, n, i, h] < 0.5 and _bit(parents, i, h) != _bit(out, i, h):
+                _flip(out, i, h)
+
+
+@njit(**JIT)
+def _mutate_sparse(cand, row, H, rho, u, g, n, j, one_flip):
+    """Flip every bit of cand[row] independently (uniforms u[g, n, j]) with p(1→0) = clip((1 − ρ + k)/(2k)),
+    p(0→1) = clip((1 + ρ − k)/(2(H − k))) (k ones, ρ = Σπ: one flip on average, moving k toward ρ); flip bit
+    one_flip if none flipped."""
+    k = 0
+    for w in range(cand.shape[1]):
+        x = cand[row, w]
+        while x != 0:
+            k += 1
+            x &= x - _ONE
+    kf = np.float64(k)
+    p_off = min(max((1.0 - rho + kf) / (2.0 * kf), 0.0), 1.0) if k > 0 else 0.0
+    p_on = min(max((1.0 + rho - kf) / (2.0 * (H - kf)), 0.0), 1.0) if k < H else 0.0
+    flipped = False
+    for h in range(H):                   # a flip of bit h leaves every other bit's decision unchanged
+        if u[g, n, j, h] < (p_off if _bit(cand, row, h) else p_on):
+            _flip(cand, row, h)
+            flipped = True
+    if not flipped:
+        _flip(cand, row, one_flip)
+
+
+@njit(**JIT)
+def _make_children(cand, start, chosen, P, n_children, end, H, crossover, mutation, rho, g, n, cross_step, cross_u,
+                   flip_bit, flip_u, parents, crossed):
+    """Children of the chosen parents cand[start + chosen[:P]] into cand[end:end + P·n_children]: optional
+    uniform crossover, then per child one uniform bit flip (mutation 0) or the sparse mutation (1)."""
+    W = cand.shape[1]
+    for i in range(P):
+        for w in range(W):
+            parents[i, w] = cand[start + chosen[i], w]
+    if crossover and P >= 2:
+        _crossover(parents, P, H, cross_step, cross_u, g, n, crossed)
+        for i in range(P):
+            for w in range(W):
+                parents[i, w] = crossed[i, w]
+    for j in range(P * n_children):
+        for w in range(W):
+            cand[end + j, w] = parents[j // n_children, w]
+        if mutation == 0:
+            _flip(cand, end + j, flip_bit[g, n, j])
+        else:
+            _mutate_sparse(cand, end + j, H, rho, flip_u, g, n, j, flip_bit[g, n, j])
+
+
+@njit(**JIT)
+def _deduplicate(cand, first, last, table, rep, todo):
+    """rep[c] = the first candidate equal to cand[c] (c itself for a new state, then listed in todo) for c in
+    first … last−1, found in an open-addressing hash table of candidate indices (linear probing, size a power of
+    two, −1 = empty) that every new state joins; returns the number of new states."""
+    count, mask = 0, table.shape[0] - 1
+    for c in range(first, last):
+        x = np.uint64(0)
+        for w in range(cand.shape[1]):
+            x = (x ^ cand[c, w]) * _HASH_MULTIPLIER
+            x ^= x >> np.uint64(29)
+        slot = np.int64(x >> np.uint64(40)) & mask
+        rep[c] = c
+        while table[slot] >= 0:
+            j = table[slot]
+            same = True
+            for w in range(cand.shape[1]):
+                if cand[j, w] != cand[c, w]:
+                    same = False
+                    break
+            if same:
+                rep[c] = j
+                break
+            slot = (slot + 1) & mask
+        if rep[c] == c:
+            table[slot] = c
+            todo[count] = c
+            count += 1
+    return count
+
+
+@njit(**JIT)
+def _stable_order(keys, first, last, order, sorted_keys):
+    """order[first:last] = the indices first … last−1 in the stable order of keys[first:last], sorted_keys the
+    keys in that order: insertion sort, O(n + inversions)."""
+    for i in range(first, last):
+        key = keys[i]
+        j = i
+        while j > first and key < sorted_keys[j - 1]:
+            sorted_keys[j] = sorted_keys[j - 1]
+            order[j] = order[j - 1]
+            j -= 1
+        sorted_keys[j] = key
+        order[j] = i
+
+
+@njit(**JIT)
+def _keep_best(cand, lpj, rep, count, n, keyed, order, sorted_keys, new_K, new_lpj):
+    """new_K[n], new_lpj[n] = the S best distinct of the count candidates: a stable sort by −log-joint, the
+    first occurrence standing for its duplicates (which sort last, in candidate order, filling up if fewer than
+    S are distinct) — the first S and the other candidates sorted apart, then merged (ties to the first S).
+    Returns how many come from beyond the first S candidates."""
+    S = new_K.shape[1]
+    for i in range(count):
+        keyed[i] = -lpj[i] if rep[i] == i else np.inf
+    split = min(S, count)
+    _stable_order(keyed, 0, split, order, sorted_keys)
+    _stable_order(keyed, split, count, order, sorted_keys)
+    a, b, accepted = 0, split, 0
+    for i in range(S):
+        if b < count and (a == split or sorted_keys[b] < sorted_keys[a]):
+            c = order[b]
+            b += 1
+            accepted += 1
+        else:
+            c = order[a]
+            a += 1
+        for w in range(cand.shape[1]):
+            new_K[n, i, w] = cand[c, w]
+        new_lpj[n, i] = lpj[c]
+    return accepted
+
+
+@njit(**JIT)
+def evolve_range(first, last, K, lpj_K, known, n_parents, n_children, generations, rule, mutation, crossover,
+                 rho, H, sel_u, cross_step, cross_u, flip_bit, flip_u, theta, B, tails, new_K, new_lpj, accepted,
+                 scratch, buffers, search):
+    """One evolutionary E-step for the patches first … last−1 of a block (DESIGN.md §1.1): starting from the
+    candidates K (N, C₀, W) with log-joints lpj_K (scored here when not ``known``; duplicates share the first
+    one's), ``generations`` times select parents from the population (the previous generation's children, K at
+    first), cross them over (optional), mutate them into n_children children each (one uniform bit flip, or
+    the sparse mutation), score the children that are new (each distinct state of a patch once). Writes the S
+    best distinct candidates into new_K (N, S, W), their log-joints into new_lpj and, per patch, how many of
+    them come from beyond the first S candidates into accepted."""
+    C0, W = K.shape[1], K.shape[2]
+    cand, _, lpj, units, ks, moments = buffers
+    rep, todo, table, chosen, keys, parents, crossed, keyed, order, sorted_keys = search
+    for n in range(first, last):
+        for i in range(table.shape[0]):
+            table[i] = -1
+        for i in range(C0):
+            for w in range(W):
+                cand[i, w] = K[n, i, w]
+        count = _deduplicate(cand, 0, C0, table, rep, todo)
+        if known:
+            for i in range(C0):
+                lpj[i] = lpj_K[n, i]
+        else:
+            _score(theta, B, n, tails[n], cand, todo, count, lpj, units, ks, moments, scratch)
+        start, end = 0, C0
+        for g in range(generations + 1):
+            for c in range(start, end):
+                if rep[c] != c:
+                    lpj[c] = lpj[rep[c]]
+            if g == generations:
+                break
+            P = _select(lpj, start, end - start, n_parents, rule, sel_u, g, n, keys, chosen)
+            _make_children(cand, start, chosen, P, n_children, end, H, crossover, mutation, rho, g, n, cross_step,
+                           cross_u, flip_bit, flip_u, parents, crossed)
+            start, end = end, end + P * n_children
+            count = _deduplicate(cand, start, end, table, rep, todo)
+            _score(theta, B, n, tails[n], cand, todo, count, lpj, units, ks, moments, scratch)
+        accepted[n] = _keep_best(cand, lpj, rep, end, n, keyed, order, sorted_keys, new_K, new_lpj)
+
+
+# ----------------------------------------------------------------------------------------------- threads
+_threads = 1
+_pool: ThreadPoolExecutor | None = None
+
+
+def set_threads(n: int) -> int:
+    """Run the E-step kernels on ``n`` threads of this process (n ≥ 1); returns n. The kernels release the GIL;
+    a block's patches are split among the threads, and results do not depend on n."""
+    global _threads, _pool
+    n = max(1, int(n))
+    if n != _threads and _pool is not None:
+        _pool.shutdown()
+        _pool = None
+    _threads = n
+    return n
+
+
+def run_split(kernel, n_items: int, *args) -> None:
+    """kernel(first, last, *args) over [0, n_items), split into one contiguous range per thread."""
+    if _threads == 1 or n_items < 2:
+        kernel(0, n_items, *args)
+        return
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(_threads, thread_name_prefix="hpc_zsem-kernel")
+    bounds = [i * n_items // _threads for i in range(_threads + 1)]
+    list(_pool.map(lambda i: kernel(bounds[i], bounds[i + 1], *args), range(_threads)))
+
+
+def posterior(theta, B, tails, K, want: int):
+    """Log-joints (N, S) of the truncated sets K (N, S, W), log Σ_s p(s, y_n) (N,), and with want ≥ 1
+    ⟨s⊙z⟩ (N, H), with want = 2 also [S_s, S_sz] (2, H) and [S_szsz, (S_ss, T)] (1 or 3, H, H), summed over a
+    fixed number of parts of the block in order (the same whatever the thread count)."""
+    N, S, W = K.shape
+    H = B.shape[1]
+    parts = max(1, min(STATS_PARTS if want == 2 else 1, N))
+    full = theta[0].shape[0] > 1
+    lpj, log_norm = np.empty((N, S)), np.empty(N)
+    mean_sz = np.zeros((N, H) if want >= 1 else (0, H))
+    sums = np.zeros((parts, 2, H) if want == 2 else (parts, 2, 0))
+    pair_sums = np.zeros((parts, 3 if full else 1, H, H) if want == 2 else (parts, 1, 0, 0))
+    K = np.ascontiguousarray(K, dtype=np.uint64)
+
+    def work(first, last, *rows):      # rows: a slice of patches (no sums), else parts first … last−1
+        if rows:
+            a, b = rows
+            args = (B[a:b], tails[a:b], K[a:b], want, 0, 1, lpj[a:b], log_norm[a:b], mean_sz[a:b] if want else mean_sz)
+        else:
+            args = (B, tails, K, want, first, last, lpj, log_norm, mean_sz)
+        posterior_parts(theta, *args, sums, pair_sums, _scratch(H), _candidates(S, W, H), np.empty(S))
+
+    if want == 2:
+        run_split(work, parts)
+    else:   # no sums: any split of the patches gives the same numbers
+        run_split(lambda first, last: work(0, 1, first, last), N)
+    return lpj, log_norm, mean_sz, sums.sum(axis=0), pair_sums.sum(axis=0)
+
+
+def search(K, lpj, n_parents: int, n_children: int, generations: int, rule: int, mutation: int, crossover: bool,
+           rho: float, H: int, draws, theta, B, tails, S: int):
+    """``evolve_range`` over all patches of a block (split among the threads): (the S best distinct states
+    (N, S, W), their log-joints, the number of accepted states per patch)."""
+    N, C0, W = K.shape
+    C, population = C0, C0
+    for _ in range(generations):
+        population = min(n_parents, population) * n_children
+        C += population
+    capacity = 1 << int(2 * C - 1).bit_length()          # a power of two ≥ 2C: a sparse hash table
+    known = lpj is not None
+    K = np.ascontiguousarray(K, dtype=np.uint64)
+    lpj = np.ascontiguousarray(lpj if known else np.empty((N, 0)), dtype=np.float64)
+    new_K, new_lpj, accepted = np.empty((N, S, W), dtype=np.uint64), np.empty((N, S)), np.empty(N, dtype=np.int64)
+    P = max(n_parents, 1)
+
+    def work(first, last):
+        buffers = (np.empty(C, dtype=np.int64), np.empty(C, dtype=np.int64), np.empty(capacity, dtype=np.int64),
+                   np.empty(P, dtype=np.int64), np.empty(P), np.empty((P, W), dtype=np.uint64),
+                   np.empty((P, W), dtype=np.uint64), np.empty(C), np.empty(C, dtype=np.int64), np.empty(C))
+        evolve_range(first, last, K, lpj, known, n_parents, n_children, generations, rule, mutation, crossover, rho,
+                     H, *draws, theta, B, tails, new_K, new_lpj, accepted, _scratch(H), _candidates(C, W, H), buffers)
+
+    run_split(work, N)
+    return new_K, new_lpj, accepted
+
+
+# ----------------------------------------------------------------------------------------------- compilation
+_compiled = False
+
+
+def ensure_compiled() -> None:
+    """Compile (or load from numba's cache) every kernel once per process, on tiny inputs of the dtypes the
+    E-step uses; logs the time when anything had to be compiled."""
+    global _compiled
+    if _compiled:
+        return
+    _compiled = True
+    t0 = time.perf_counter()
+    H = 3
+    theta = theta_terms(np.eye(H), 1.0, np.ones(H), np.zeros(H), np.zeros(H), -1.0)
+    K = np.array([[[1], [7]]], dtype=np.uint64)
+    B, tails = np.zeros((1, H)), np.zeros(1)
+    posterior(theta, B, tails, K, 2)
+    draws = (np.full((1, 1, 2), 0.5), np.ones((1, 1, 1), dtype=np.int64), np.full((1, 1, 1, H), 0.5),
+             np.zeros((1, 1, 1), dtype=np.int64), np.full((1, 1, 1, H), 0.5))
+    search(K, np.zeros((1, 2)), 1, 1, 1, 0, 1, True, 1.0, H, draws, theta, B, tails, 2)
+    kernels = (_tabulate, posterior_parts, evolve_range)
+    if any(sum(kernel.stats.cache_misses.values()) for kernel in kernels):
+        log.info("compiling kernels (once per machine; cached afterwards) … %.1f s", time.perf_counter() - t0)
