@@ -49,6 +49,7 @@ def _run_locked(args: argparse.Namespace, lock) -> int:
     from hpc_zsem.io.checkpoint import check_checkpoint_path, find_resumable
     from hpc_zsem.io.paths import check_run_paths, locked_paths, lock_path
     from hpc_zsem.parallel import get_comm, install_abort_on_exception, limit_blas_threads
+    from hpc_zsem.variational.kernel import set_threads
     from hpc_zsem import pipeline, sections, signals
 
     comm = get_comm()
@@ -77,7 +78,13 @@ def _run_locked(args: argparse.Namespace, lock) -> int:
             print(f"hpc-zsem: error: {payload}", file=sys.stderr)
         return 2
     config, per_section = payload
-    with limit_blas_threads(args.threads if args.threads else (1 if comm.size > 1 else None)):
+    threads = args.threads or config.resources.threads or 1
+    set_threads(threads)
+    if comm.rank == 0:
+        logging.getLogger("hpc_zsem").info("%d rank(s) × %d thread(s) per rank", comm.size, threads)
+    # BLAS is ~3 % of an SSSC E-step and its idle threads slow the kernel down: one BLAS thread there; GPMM's
+    # E-step is one BLAS product per block and gets the rank's threads.
+    with limit_blas_threads(1 if config.model.name == "sssc" else threads):
         try:
             if per_section:
                 sections.run_per_section(config, comm, overwrite=args.overwrite, restart=args.restart, stop=stop)
@@ -235,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ignore an existing checkpoint and start afresh (it is replaced when this run writes "
                           "its first checkpoint); by default a run resumes from its checkpoint")
     run.add_argument("--threads", type=_count(0), default=0,
-                     help="BLAS threads per rank (default: 1 under MPI, the library default otherwise)")
+                     help="threads per rank for the E-step kernel (ranks × threads = the cores of the job; "
+                          "default: resources.threads, else 1; results do not depend on it)")
     run.set_defaults(func=_cmd_run)
 
     info = sub.add_parser("info", help="show what a result or checkpoint file holds")
@@ -249,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="long_requeue (default), single_node, multi_node or array (see jobs/README.md)")
     slurm.add_argument("--ranks", type=int, default=4, help="MPI ranks (default 4)")
     slurm.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
-    slurm.add_argument("--cpus-per-task", type=int, default=1, help="cores (BLAS threads) per rank (default 1)")
+    slurm.add_argument("--cpus-per-task", type=int, default=1, help="cores per rank, passed to hpc-zsem run --threads (default 1)")
     slurm.add_argument("--time", help="walltime, e.g. 24:00:00 (default: the template's)")
     slurm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="config override, also passed on to the job (repeatable)")

@@ -109,7 +109,8 @@ def memory_per_rank(config: Config, plane: tuple[int, int], n_sections: int, ran
         n_patches_total=n_train, ranks=ranks, D=h * w, model=config.model.name, H=config.model.H, S=t.S,
         candidates_per_patch=t.parents * t.children * t.generations, C=config.model.C,
         block_size=config.training.block_size,
-        image_pixels=int(np.prod(config.estimation.tile)) if streaming else sections * plane[0] * plane[1])
+        image_pixels=int(np.prod(config.estimation.tile)) if streaming else sections * plane[0] * plane[1],
+        parents=t.parents, mutation=t.mutation, crossover=t.crossover, full_psi=config.model.psi == "full")
     return estimate, n_train
 
 

@@ -18,24 +18,14 @@ also receives the reduced pixel sums):
                         accumulators never coexist)
 
 SSSC E-step temporaries — how the constants were measured
-    One ``SSSC.e_step`` on one block, under ``tracemalloc`` (numpy reports its buffers to it), peak minus the
-    memory held before the call (:func:`measure_peak`), with truncated sets whose states have exactly k
-    active units and π = k/H; grid N_block ∈ {512, 1024, 2048}, H ∈ {32 … 512}, S ∈ {20, 30, 60}, children per
-    patch ∈ {10 … 60}, k ∈ {2 … 24} (Python 3.11, numpy 2, this repository at the time of writing). The peak
-    is the larger of two phases:
-
-    * posterior + sufficient statistics, per (patch, state of K_n) pair: ``96 + H + 44·k²`` bytes — the k×k
-      gathers and (k·k)-wide index/weight arrays of the M-step sums dominate (measured 180 B at k=2 … 10.9 KB
-      at k=16 for H=64, i.e. ≈ 41·k² above a small base);
-    * evolutionary search, per child (parents·children·generations per patch): ``64 + 21·H + 24·k²`` bytes —
-      the unpacked (N, children, H) parent/child bits and the float64 flip probabilities and random numbers
-      (measured 20.7·H bytes per child for small k), plus the k×k terms of scoring the children.
-
-    The larger of the two was within −17 % … +40 % of the measured peak on all 13 grid points (e.g. N_block
-    1024, H 64, S 60, 20 children: 30.9 MiB at k=2, 175 MiB at k=8, 640 MiB at k=16, 1.4 GiB at k=24 with
-    40 children). k, the number of active units of a typical state, is not known before training and
-    defaults to :data:`ASSUMED_ACTIVE_UNITS`; the statistics term grows as k², so a model that ends up using
-    many latents per patch needs more (pass ``active_units``).
+    One ``SSSC.e_step`` on one block (the compiled kernel of :mod:`hpc_zsem.variational.kernel`), under
+    ``tracemalloc``, peak minus the memory held before the call (:func:`measure_peak`). The kernel works patch
+    by patch in fixed per-thread buffers, so the peak no longer depends on the number of active units; per
+    patch of a block (c = parents · children · generations children per patch):
+        16·H + 24·S + 8·S·⌈H/64⌉ + 16·c   (B = Y·W, the log-joints, the new sets, the children's scores)
+        + 8·c·H with ``mutation: sparse`` (flip probabilities), + 8·parents·H with crossover (the parents' bits)
+    and per block 8·H²·(3 + 4·m) (the Gram matrix and the state-term caches; m = 1 for diagonal Ψ, 3 for full).
+    Within about 10 % of the measured peak on N_block ∈ {512, 1024}, H ∈ {48, 64, 256}, S ∈ {16, 60}.
 
 GPMM E-step temporaries: ``_posterior`` and the statistics allocate ≈ 7 float64 arrays of N_block × C
 (measured 57.4 B per patch and class for N ∈ {1024, 2048}, C ∈ {100, 1000}); 64 B is used.
@@ -56,12 +46,6 @@ KEY = "resources.max_memory_per_rank"
 MAX_SIZE = 2**60
 SIZE_TEXT = "a memory size > 0 and <= 1 EiB such as 2GiB, 1500MB, 2G or a number of bytes"
 
-#: active units of a typical state assumed by the SSSC E-step estimate (k in the per-pair formulas)
-ASSUMED_ACTIVE_UNITS = 8
-#: per (patch, state of K_n) pair in the posterior/statistics phase: base + per latent + per k²
-STATE_PAIR_BYTES = (96, 1, 44)
-#: per child state in the evolutionary phase: base + per latent + per k²
-CHILD_PAIR_BYTES = (64, 21, 24)
 #: GPMM bytes per (patch of a block, class)
 GPMM_BYTES_PER_PATCH_CLASS = 64
 #: per pixel: own sums (3 float64) + the reduced sums on rank 0 (3 float64)
@@ -87,12 +71,13 @@ def _patches_on_busiest_rank(n_patches_total: int, ranks: int, block_size: int) 
 
 def estimate_memory_per_rank(n_patches_total: int, ranks: int, D: int, model: str, H: int, S: int,
                              candidates_per_patch: int, C: int, block_size: int, image_pixels: int,
-                             *, active_units: int | None = None) -> MemoryEstimate:
+                             *, parents: int = 0, mutation: str = "random", crossover: bool = False,
+                             full_psi: bool = False) -> MemoryEstimate:
     """Bytes by component on the busiest rank (see the module docstring) and ``"total"``.
 
     ``candidates_per_patch`` = parents · children · generations (the children scored per patch and E-step);
-    ``active_units`` = k of a typical state (default :data:`ASSUMED_ACTIVE_UNITS`, at most H). Arguments that
-    do not apply to ``model`` ("sssc" or "gpmm") are ignored."""
+    ``parents``, ``mutation``, ``crossover`` and ``full_psi`` as in the config. Arguments that do not apply to
+    ``model`` ("sssc" or "gpmm") are ignored."""
     if model not in ("sssc", "gpmm"):
         raise ValueError(f"model must be 'sssc' or 'gpmm', got {model!r}")
     block_size = max(1, int(block_size))
@@ -101,14 +86,12 @@ def estimate_memory_per_rank(n_patches_total: int, ranks: int, D: int, model: st
     out = dict.fromkeys(COMPONENTS, 0)
     out["patches"] = n_rank * D * 8
     if model == "sssc":
-        k = min(H, ASSUMED_ACTIVE_UNITS if active_units is None else int(active_units))
         words = -(-H // 64)
+        c = candidates_per_patch
         out["truncated_sets"] = n_rank * S * words * 8
-        a, b, c = STATE_PAIR_BYTES
-        stats_phase = block * S * (a + b * H + c * k * k)
-        a, b, c = CHILD_PAIR_BYTES
-        evolve_phase = block * candidates_per_patch * (a + b * H + c * k * k)
-        out["estep_temporaries"] = max(stats_phase, evolve_phase)
+        per_patch = 16 * H + 24 * S + 8 * S * words + 16 * c
+        per_patch += (8 * c * H if mutation == "sparse" else 0) + (8 * parents * H if crossover else 0)
+        out["estep_temporaries"] = block * per_patch + 8 * H * H * (3 + 4 * (3 if full_psi else 1))
     else:
         out["gpmm_temporaries"] = block * C * GPMM_BYTES_PER_PATCH_CLASS
     out["accumulators"] = image_pixels * ACCUMULATOR_BYTES_PER_PIXEL
@@ -117,7 +100,8 @@ def estimate_memory_per_rank(n_patches_total: int, ranks: int, D: int, model: st
     result = MemoryEstimate((key, int(value)) for key, value in out.items())
     result.inputs = dict(n_patches_total=n_patches_total, ranks=ranks, D=D, model=model, H=H, S=S,
                          candidates_per_patch=candidates_per_patch, C=C, block_size=block_size,
-                         image_pixels=image_pixels, active_units=active_units)
+                         image_pixels=image_pixels, parents=parents, mutation=mutation, crossover=crossover,
+                         full_psi=full_psi)
     return result
 
 

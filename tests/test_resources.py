@@ -72,7 +72,7 @@ def test_sssc_estep_temporaries_are_close_to_the_measured_peak():
     model.e_step(Y, params, K, np.random.default_rng(2))        # warm up caches and lazy imports
     peak = measure_peak(lambda: model.e_step(Y, params, K, np.random.default_rng(2)))
     est = estimate_memory_per_rank(N, 1, D, "sssc", H, S, parents * 2, 1, N, 64 * 64,
-                                   active_units=k)["estep_temporaries"]
+                                   parents=parents)["estep_temporaries"]
     assert peak / 1.6 <= est <= 1.6 * peak, (est, peak)
 
 
@@ -257,7 +257,7 @@ def test_check_memory_without_a_limit_refuses_what_the_machine_cannot_hold(monke
 def test_preflight_refuses_a_huge_truncated_set_before_any_work(tmp_path):
     """The call site (pipeline.preflight passes the config's null limit) now gets the machine check."""
     config = load_config(None, ["input.path=builtin:demo", f"output.path={tmp_path / 'o.h5'}",
-                                "truncation.S=10000", "model.H=1024"])
+                                "truncation.S=10000", "model.H=1024", "training.block_size=65536"])
     with pytest.raises(ConfigError, match=r"^resources\.max_memory_per_rank: the run needs about .* per rank .*"
                                           r"as resources\.max_memory_per_rank is null\)"):
         preflight(config, overwrite=False)
