@@ -383,14 +383,14 @@ def test_slurm_accepts_every_slurm_time_format(tmp_path):
 def test_slurm_refuses_impossible_memory_and_warns_about_huge(tmp_path):
     """Per node: > 16 TiB refused, > 1 TiB printed with a warning; both name the keys that drive the estimate."""
     (tmp_path / "run.yaml").write_text(CONFIG)
-    # every rank holds one E-step block of all patches: ≈ 600 GiB
+    # every rank holds one E-step block of all patches with 4·10⁶ children each: ≈ 0.9 TiB
     huge = ["--set", "model.H=1024", "--set", "training.block_size=1048576", "--set", "truncation.S=10000",
-            "--ranks", "32"]
-    refused = _slurm(tmp_path, "run.yaml", *huge)                   # ≈ 18 TiB on one node
+            "--set", "truncation.children=1000", "--set", "truncation.generations=1000", "--ranks", "32"]
+    refused = _slurm(tmp_path, "run.yaml", *huge)                   # ≈ 28 TiB on one node
     assert refused.returncode == 2 and refused.stdout == "" and refused.stderr.count("\n") == 1, refused
     assert "TiB per node (32 rank(s)" in refused.stderr and "E-step temporaries" in refused.stderr
     assert "training.block_size, truncation.S" in refused.stderr and "--nodes" in refused.stderr
-    spread = _slurm(tmp_path, "run.yaml", *huge, "--nodes", "2")    # ≈ 9 TiB on each of two nodes
+    spread = _slurm(tmp_path, "run.yaml", *huge, "--nodes", "2")    # ≈ 14 TiB on each of two nodes
     assert spread.returncode == 0 and re.match(r"hpc-zsem: warning: the memory request is [\d.]+ TiB per node "
                                                r"\(16 rank\(s\)", spread.stderr), spread.stderr
     assert spread.stderr.count("\n") == 1 and "model.H" in spread.stderr and "--mem-per-cpu=" in spread.stdout
