@@ -1,83 +1,301 @@
-"""Quality benchmark: PSNR of the mean image on ISBI EM slices with Gaussian noise, next to NL-means
-(scikit-image, given the TRUE σ; h = 0.8σ, 5×5 patches, distance 6) and BM3D (given the TRUE σ, where the
-`bm3d` package is installed; it is not a dependency). hpc_zsem is never told the noise level.
+"""Quality protocol (issue 14, item 1): hpc_zsem against BM3D, NL-means and Zero-Shot Noise2Noise on images
+with a clean reference, additive white Gaussian noise, PSNR and SSIM (skimage.metrics, data_range 255).
 
-    python benchmarks/bench_quality.py [--cases c256_25,c256_50,full_25,full_50] [--epochs 60] [--ranks 1]
+Images (256² each, intensities 0–255, float64):
+    camera      /work/shared/data/camera_512x512.tif, centre 256²
+    astronaut   skimage.data.astronaut(), grayscale (rgb2gray·255, rounded), centre 256²
+    coffee      skimage.data.coffee(), grayscale (rgb2gray·255, rounded), centre 256²
+    isbi0       ISBI 2012 ssTEM stack, slice 0, centre 256²
+    isbi15      ISBI 2012 ssTEM stack, slice 15, centre 256²
+The ISBI references are themselves textured: a fine granular texture the generative model partly treats as
+noise (difference-based noise estimate of the clean crops: 12.1 for slice 0, 20.8 for slice 15; on the clean
+slice 0 the demo model's σ is 18.1 at epoch 5, 8.9 at 40 and 5.7 at 200 — DESIGN.md §5's "σ ≈ 20" is an early-epoch
+value), so PSNR against them rewards texture preservation, and the learned σ there sits above the added σ.
 
-Reference points (slice 0, DESIGN.md §4): σ=25: noisy 20.16, NL-means 24.97, BM3D 26.66 dB;
-σ=50: noisy 14.14, NL-means 21.79, BM3D 23.41 dB (512²). Centre 256², σ=25: NL-means 24.85, BM3D 26.56 dB.
+Methods (all on ONE core: BLAS/OpenMP/torch threads pinned to 1; CPU seconds are process time):
+    noisy       the input
+    nlmeans     skimage denoise_nl_means, given the TRUE σ (h = 0.8σ, 5×5 patches, distance 6, fast mode)
+    bm3d        the `bm3d` package given the TRUE σ (optional: non-commercial licence, never a dependency of
+                hpc_zsem; install it with the `[bench]` extra or `pip install bm3d`; skipped when absent)
+    zsn2n       Zero-Shot Noise2Noise (Mansour & Heckel 2023; benchmarks/zs_n2n.py), not told σ; needs torch
+                (CPU build: `pip install torch==2.13.0`); skipped when absent
+    <config>    hpc_zsem run with configs/<config>.yaml (or a path to a YAML), `--threads 1`,
+                OMP_NUM_THREADS=1; not told σ; CPU seconds = the child's user+system time; learned σ =
+                sqrt(params/sigma2) of the result file
+
+    python benchmarks/bench_quality.py --images camera,astronaut,coffee,isbi0,isbi15 --sigmas 25,50 \
+        --configs demo --methods nlmeans,bm3d,zsn2n --json benchmarks/results/quality_DATE.json
+    python benchmarks/bench_quality.py --images camera --sigmas 25 --configs demo --methods none \
+        --set model.H=64 --label H64             # a variant of the hpc_zsem runs
+    python benchmarks/bench_quality.py --stability isbi0 --sigmas 25 --configs demo --methods none
+    python benchmarks/bench_quality.py --images isbi0,isbi15 --sigmas 0 --configs demo --methods none
+                                                 # σ = 0: the clean reference itself (what σ does it learn?)
+
+The noise seed of (image, σ) is crc32("<image>/<σ>") + --seed-offset, printed with every case; the same
+noisy image goes to every method. Results are appended to the JSON after every case (a killed run keeps
+what it measured).
 """
-import argparse
 import os
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 
-import h5py
-import numpy as np
-import tifffile
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = "1"          # one core for every method, set before numpy is imported
 
-ISBI = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012_sstem_30x512x512.tif"
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import zlib  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+import tifffile  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+ISBI = DATA / "isbi2012_sstem_30x512x512.tif"
+CAMERA = DATA / "camera_512x512.tif"
+SIZE = 256
+BASELINES = ("nlmeans", "bm3d", "zsn2n")
 
 
-def psnr(x, clean):
-    return 10 * np.log10(255.0**2 / np.mean((np.asarray(x, float) - clean) ** 2))
+def centre_crop(image, size=SIZE):
+    y0, x0 = (image.shape[0] - size) // 2, (image.shape[1] - size) // 2
+    return np.ascontiguousarray(image[y0:y0 + size, x0:x0 + size], dtype=np.float64)
 
 
-def nl_means(noisy, sigma):
+def _skimage_gray(name):
+    import skimage.color
+    import skimage.data
+    return np.round(skimage.color.rgb2gray(getattr(skimage.data, name)()) * 255.0)
+
+
+IMAGES = {
+    "camera": lambda: centre_crop(tifffile.imread(CAMERA)),
+    "astronaut": lambda: centre_crop(_skimage_gray("astronaut")),
+    "coffee": lambda: centre_crop(_skimage_gray("coffee")),
+    "isbi0": lambda: centre_crop(tifffile.imread(ISBI, key=0)),
+    "isbi15": lambda: centre_crop(tifffile.imread(ISBI, key=15)),
+}
+
+
+def noise_seed(image, sigma, offset=0):
+    return zlib.crc32(f"{image}/{sigma:g}".encode()) + offset
+
+
+def metrics(x, clean):
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+    x = np.asarray(x, np.float64)
+    return (float(peak_signal_noise_ratio(clean, x, data_range=255)),
+            float(structural_similarity(clean, x, data_range=255)))
+
+
+# ---------------------------------------------------------------- baselines (each returns image, CPU seconds)
+def run_nlmeans(noisy, sigma, args):
     from skimage.restoration import denoise_nl_means
-    return denoise_nl_means(noisy, h=0.8 * sigma, sigma=sigma, patch_size=5, patch_distance=6, fast_mode=True)
+    t0 = time.process_time()
+    out = denoise_nl_means(noisy, h=0.8 * sigma, sigma=sigma, patch_size=5, patch_distance=6, fast_mode=True)
+    return out, time.process_time() - t0
 
 
-def bm3d_true_sigma(noisy, sigma):
+def run_bm3d(noisy, sigma, args):
+    import bm3d
+    t0 = time.process_time()
+    out = bm3d.bm3d(noisy, sigma_psd=sigma)
+    return np.asarray(out, np.float64), time.process_time() - t0
+
+
+def run_zsn2n(noisy, sigma, args):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from zs_n2n import zs_n2n
+    return zs_n2n(noisy, steps=args.zsn2n_steps, seed=0, threads=1)
+
+
+def available(method):
     try:
-        import bm3d
+        __import__({"bm3d": "bm3d", "zsn2n": "torch"}.get(method, "numpy"))
+        return True
     except ImportError:
-        return None
-    return bm3d.bm3d(noisy, sigma_psd=sigma)
+        return False
 
 
-def run_hpc_zsem(noisy, args, workdir):
-    path = Path(workdir) / "noisy.tif"
-    out = Path(workdir) / "result.h5"
-    tifffile.imwrite(path, noisy.astype(np.float32))
-    cmd = [sys.executable, "-m", "hpc_zsem", "run", str(REPO / "configs" / "quality.yaml"),
-           "--set", f"input.path={path}", "--set", f"output.path={out}", "--overwrite",
-           "--set", f"training.epochs={args.epochs}"] + [x for kv in args.set for x in ("--set", kv)]
-    if args.ranks > 1:
-        cmd = ["mpiexec", "-n", str(args.ranks)] + cmd
-    env = dict(os.environ, OMP_NUM_THREADS="1" if args.ranks > 1 else os.environ.get("OMP_NUM_THREADS", "2"))
+# ---------------------------------------------------------------- hpc_zsem
+def config_path(name):
+    p = Path(name)
+    return p if p.suffix in (".yaml", ".yml") else REPO / "configs" / f"{name}.yaml"
+
+
+def run_hpc_zsem(noisy, config, sets, workdir, tag="run"):
+    """One `hpc-zsem run` on one core. Returns mean, variance, learned σ, CPU s (child), wall s."""
+    inp, out = Path(workdir) / f"{tag}.tif", Path(workdir) / f"{tag}.h5"
+    tifffile.imwrite(inp, noisy.astype(np.float32))
+    cmd = [sys.executable, "-m", "hpc_zsem", "run", str(config_path(config)), "--threads", "1", "--overwrite",
+           "--restart", "--set", f"input.path={inp}", "--set", f"output.path={out}"]
+    cmd += [x for kv in sets for x in ("--set", kv)]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-    seconds = time.perf_counter() - t0
+    proc = subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    log = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"hpc-zsem failed ({proc.returncode}): {' '.join(cmd)}\n{log[-3000:]}")
     with h5py.File(out) as f:
-        return f["mean"][:], float(np.sqrt(f["params/sigma2"][()])), seconds
+        mean, variance = f["mean"][:].astype(np.float64), f["variance"][:].astype(np.float64)
+        sigma = float(np.sqrt(f["params/sigma2"][()]))
+        epochs = int(len(f["history/epoch"])) if "history/epoch" in f else None
+    info = {"epochs_trained": epochs, "config_text": config_path(config).read_text()}
+    return mean, variance, sigma, usage.ru_utime + usage.ru_stime, wall, info
+
+
+# ---------------------------------------------------------------- table
+HEADER = f"{'image':10s} {'σ':>3s} {'seed':>10s} {'method':18s} {'PSNR':>6s} {'SSIM':>6s} {'CPU s':>7s} {'σ learned':>9s}"
+
+
+def row_text(r):
+    sig = f"{r['sigma_learned']:9.2f}" if r.get("sigma_learned") is not None else f"{'':9s}"
+    cpu = f"{r['cpu_s']:7.1f}" if r.get("cpu_s") is not None else f"{'':7s}"
+    return (f"{r['image']:10s} {r['sigma']:3g} {r['seed']:10d} {r['method']:18s} {r['psnr']:6.2f} "
+            f"{r['ssim']:6.3f} {cpu} {sig}")
+
+
+def gaps_text(rows, hpc_methods):
+    """Per (image, σ): each hpc_zsem run minus each baseline, in dB PSNR (positive: hpc_zsem better)."""
+    out = []
+    cases = sorted({(r["image"], r["sigma"]) for r in rows}, key=lambda c: (c[1], list(IMAGES).index(c[0])
+                                                                           if c[0] in IMAGES else 99))
+    for image, sigma in cases:
+        by = {r["method"]: r for r in rows if r["image"] == image and r["sigma"] == sigma}
+        for m in hpc_methods:
+            if m not in by:
+                continue
+            parts = [f"{b} {by[m]['psnr'] - by[b]['psnr']:+.2f}" for b in BASELINES if b in by]
+            out.append(f"{image:10s} σ={sigma:<3g} {m:18s} Δ PSNR vs " + ", ".join(parts)
+                       + f"   (σ learned {by[m]['sigma_learned']:.2f} / true {sigma:g})")
+    return "\n".join(out)
+
+
+def write_json(path, meta, rows, stability):
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(str(path) + ".tmp")
+        tmp.write_text(json.dumps({"meta": meta, "rows": rows, "stability": stability}, indent=1))
+        os.replace(tmp, path)
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", default="c256_25,c256_50,full_25,full_50")
-    ap.add_argument("--epochs", type=int, default=60)
-    ap.add_argument("--ranks", type=int, default=1)
-    ap.add_argument("--set", action="append", default=[], help="extra config overrides")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--images", default=",".join(IMAGES), help=f"comma list of {','.join(IMAGES)}")
+    ap.add_argument("--sigmas", default="15,25,50")
+    ap.add_argument("--configs", default="demo,quality",
+                    help="hpc_zsem configs (names in configs/ or YAML paths); 'none' for no hpc_zsem run")
+    ap.add_argument("--methods", default=",".join(BASELINES), help="baselines to run; 'none' for none")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="passed through to every hpc_zsem run (repeatable)")
+    ap.add_argument("--label", default="", help="suffix for the hpc_zsem method names (to tell variants apart)")
+    ap.add_argument("--zsn2n-steps", type=int, default=2000)
+    ap.add_argument("--seed-offset", type=int, default=0, help="added to every noise seed")
+    ap.add_argument("--stability", metavar="IMAGE", default=None,
+                    help="also run the first config with training.seed 0 and 1 on IMAGE at the first σ and report "
+                         "the Pearson correlation of the two variance (and mean) images")
+    ap.add_argument("--stability-only", action="store_true", help="skip the main table, run --stability only")
+    ap.add_argument("--json", default=None, help="write the results here (rewritten after every case)")
     args = ap.parse_args()
-    section = tifffile.imread(ISBI, key=0).astype(np.float64)
-    crops = {"c256": section[128:384, 128:384], "full": section}
-    print(f"{'case':10s} {'noisy':>7s} {'NLmeans':>8s} {'BM3D(σ)':>8s} {'hpc_zsem':>9s} {'σ learned':>10s} {'seconds':>8s}")
-    for case in args.cases.split(","):
-        crop, sigma = case.split("_")
-        clean = crops[crop]
-        noisy = clean + np.random.default_rng(0).normal(0, float(sigma), clean.shape)
-        bm = bm3d_true_sigma(noisy, float(sigma))
-        nlm = nl_means(noisy, float(sigma))
+
+    images = [s for s in args.images.split(",") if s]
+    unknown = [s for s in images if s not in IMAGES]
+    if unknown:
+        ap.error(f"unknown image(s) {unknown}; choose from {list(IMAGES)}")
+    sigmas = [float(s) for s in args.sigmas.split(",") if s]
+    configs = [] if args.configs in ("", "none") else args.configs.split(",")
+    methods = [] if args.methods in ("", "none") else args.methods.split(",")
+    for m in methods:
+        if m not in BASELINES:
+            ap.error(f"unknown method {m!r}; choose from {BASELINES}")
+    skipped = [m for m in methods if not available(m)]
+    methods = [m for m in methods if m not in skipped]
+    if skipped:
+        print(f"# skipped (not installed): {', '.join(skipped)}", flush=True)
+    hpc_names = [Path(c).stem + (f"[{args.label}]" if args.label else "") for c in configs]
+
+    def version(mod):
+        try:
+            return __import__(mod).__version__
+        except Exception:
+            return None
+
+    meta = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "argv": sys.argv, "host": platform.node(), "python": platform.python_version(),
+            "versions": {m: version(m) for m in ("numpy", "skimage", "torch", "hpc_zsem")},
+            "bm3d": (__import__("importlib.metadata").metadata.version("bm3d") if available("bm3d") else None),
+            "git_head": subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                                       text=True).stdout.strip(),
+            "threads": 1, "crop": SIZE, "images": images, "sigmas": sigmas, "configs": configs,
+            "sets": args.set, "zsn2n_steps": args.zsn2n_steps,
+            "noise": "clean + N(0, σ²) float64, numpy default_rng(seed), seed = crc32('<image>/<σ>') + offset; "
+                     "no clipping of noisy or denoised images",
+            "notes": "ISBI references contain fine granular texture (demo model learns σ≈20 on a clean slice): "
+                     "PSNR there rewards texture preservation."}
+    rows, stability = [], None
+    print("# " + " ".join(sys.argv), flush=True)
+    print(HEADER, flush=True)
+    for sigma in ([] if args.stability_only else sigmas):
+        for image in images:
+            clean = IMAGES[image]()
+            seed = noise_seed(image, sigma, args.seed_offset)
+            noisy = clean + np.random.default_rng(seed).normal(0.0, sigma, clean.shape)
+            base = {"image": image, "sigma": sigma, "seed": seed}
+
+            def add(method, x, cpu=None, sigma_learned=None, **extra):
+                p, s = metrics(x, clean)
+                r = dict(base, method=method, psnr=p, ssim=s, cpu_s=cpu, sigma_learned=sigma_learned, **extra)
+                rows.append(r)
+                print(row_text(r), flush=True)
+                write_json(args.json, meta, rows, stability)
+
+            add("noisy", noisy)
+            for m in methods:
+                out, cpu = {"nlmeans": run_nlmeans, "bm3d": run_bm3d, "zsn2n": run_zsn2n}[m](noisy, sigma, args)
+                add(m, out, cpu)
+            for config, name in zip(configs, hpc_names):
+                with tempfile.TemporaryDirectory() as tmp:
+                    mean, _, sig, cpu, wall, info = run_hpc_zsem(noisy, config, args.set, tmp)
+                add(name, mean, cpu, sig, wall_s=wall, config=str(config_path(config)), sets=args.set, **info)
+
+    if args.stability:
+        image, sigma, config = args.stability, sigmas[0], (configs or ["demo"])[0]
+        clean = IMAGES[image]()
+        seed = noise_seed(image, sigma, args.seed_offset)
+        noisy = clean + np.random.default_rng(seed).normal(0.0, sigma, clean.shape)
+        res = []
         with tempfile.TemporaryDirectory() as tmp:
-            mean, sigma_hat, seconds = run_hpc_zsem(noisy, args, tmp)
-        print(f"{case:10s} {psnr(noisy, clean):7.2f} {psnr(nlm, clean):8.2f} "
-              f"{(psnr(bm, clean) if bm is not None else float('nan')):8.2f} {psnr(mean, clean):9.2f} "
-              f"{sigma_hat:10.2f} {seconds:8.0f}", flush=True)
+            for train_seed in (0, 1):
+                res.append(run_hpc_zsem(noisy, config, args.set + [f"training.seed={train_seed}"], tmp,
+                                        tag=f"seed{train_seed}"))
+        r_var = float(np.corrcoef(res[0][1].ravel(), res[1][1].ravel())[0, 1])
+        r_mean = float(np.corrcoef(res[0][0].ravel(), res[1][0].ravel())[0, 1])
+        stability = {"image": image, "sigma": sigma, "seed": seed, "config": str(config_path(config)),
+                     "sets": args.set, "training_seeds": [0, 1], "pearson_variance": r_var, "pearson_mean": r_mean,
+                     "psnr": [metrics(x[0], clean)[0] for x in res], "sigma_learned": [x[2] for x in res],
+                     "cpu_s": [x[3] for x in res]}
+        print(f"\n# stability: {image} σ={sigma:g} (noise seed {seed}), {Path(config).stem}, training.seed 0 vs 1: "
+              f"Pearson r(variance) = {r_var:.4f}, r(mean) = {r_mean:.5f}; PSNR "
+              f"{stability['psnr'][0]:.2f} / {stability['psnr'][1]:.2f}, σ learned "
+              f"{res[0][2]:.2f} / {res[1][2]:.2f}, CPU s {res[0][3]:.0f} / {res[1][3]:.0f}", flush=True)
+        write_json(args.json, meta, rows, stability)
+
+    if rows:
+        print("\n# full table\n" + HEADER)
+        print("\n".join(row_text(r) for r in rows))
+        if hpc_names:
+            print("\n# gaps (hpc_zsem minus baseline, dB PSNR; positive = hpc_zsem better)")
+            print(gaps_text(rows, hpc_names))
 
 
 if __name__ == "__main__":
