@@ -347,9 +347,10 @@ class Run:
             accepted = float(stats.get("accepted", 0.0))
             self.history.append(epoch=epoch, free_energy=free_energy, sigma2=sigma2, accepted=accepted,
                                 seconds=seconds)
-            if epoch % self.config.logging.every_epochs == 0 or epoch == epochs or self.converged():
+            converged = self.converged()
+            if epoch % self.config.logging.every_epochs == 0 or epoch == epochs or converged:
                 self._progress(epoch, epochs, free_energy, sigma2, accepted, seconds)
-            if self.converged():
+            if converged:
                 log.info("training.epochs auto: the free energy per patch pixel changed by less than %.3g per epoch "
                          "over the last %d epochs: training stops after epoch %d", t.stop_tolerance,
                          t.stop_window, epoch)
@@ -366,7 +367,8 @@ class Run:
         states = self.n_patches * (self.config.truncation.S if self.model.name == "sssc" else 1)
         sigma = f"sigma={np.sqrt(sigma2):.4g}" if np.isfinite(sigma2) else "sigma=n/a"
         log.info("epoch %d/%s  F/N=%.6g  %s  accepted=%d (%.2f%%)  %.2fs  %.0f patches/s  left ~%s",
-                 epoch, f"{epochs} (auto)" if self.config.training.epochs == AUTO else epochs, free_energy, sigma, accepted, 100.0 * accepted / states, seconds,
+                 epoch, f"{epochs} (auto)" if self.config.training.epochs == AUTO else epochs, free_energy, sigma,
+                 accepted, 100.0 * accepted / states, seconds,
                  self.n_patches / seconds, _format_seconds(left))
 
     # ---------------------------------------------------------------- estimation
