@@ -356,3 +356,18 @@ def test_19_info_shows_sigma2_of_the_final_parameters(tiny):
         final = float(f["params/sigma2"][()])
     proc = run_cli(["info", result], cwd=tiny)
     assert f"sigma2 {final:.6g}" in proc.stdout and "12345" not in proc.stdout
+
+
+def test_a_foreign_file_named_like_a_lock_or_a_temporary_file_is_never_touched(tmp_path):
+    from hpc_zsem.io.results import write_atomically
+
+    lock = tmp_path / "x.h5.lock"
+    lock.write_text("my notes")
+    with pytest.raises(OutputError, match="not an hpc-zsem lock file"):
+        RunLock().acquire([lock])
+    assert lock.read_text() == "my notes"
+    tmp = tmp_path / f"r.h5.tmp-{os.getpid()}"
+    tmp.write_text("mine")
+    with pytest.raises(FileExistsError):
+        write_atomically(tmp_path / "r.h5", b"data")
+    assert tmp.read_text() == "mine" and not (tmp_path / "r.h5").exists()

@@ -28,7 +28,7 @@ rename: :func:`hpc_zsem.io.results.write_atomically`); then the current ``X`` is
 unsupported: copied) to ``previous_path(X)`` and ``X.new`` is renamed over ``X``. A crash or ``kill -9`` at
 any moment leaves ``X`` complete (old or new) and, except between the last two renames, the one before it as
 ``.prev``. Loading tries ``X`` and falls back to ``.prev`` when ``X`` is missing, unreadable or fails its
-checksum. Leftover temporary files of killed writers are removed by the next write.
+checksum. Leftover temporary files of killed writers are removed before the next write.
 
 Resume rules (:func:`incompatibilities`): the config must equal the checkpoint's except for ``output.*``,
 ``checkpoint.*``, ``logging.*``, ``resources.*``, the epoch counts and the stopping rule of
@@ -290,14 +290,14 @@ def write_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> int:
         f.flush()
         _test_sleep(ckpt.epoch)
 
-    staging = staging_path(path)
     image = hdf5_image(writer)
+    for stale in _leftovers(path):              # left by writers killed mid-write
+        stale.unlink(missing_ok=True)
+    staging = staging_path(path)
     write_atomically(staging, image, _trailer_bytes(image))
     _keep_previous(path)
     os.replace(staging, path)
     _fsync(path.parent)
-    for stale in _leftovers(path):              # left by writers killed mid-write
-        stale.unlink(missing_ok=True)
     return path.stat().st_size
 
 

@@ -76,8 +76,9 @@ def write_atomically(path: str | os.PathLike, *parts: bytes | memoryview) -> Non
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    fh = open(tmp, "xb")           # exclusive: an existing file of that name is never truncated nor removed
     try:
-        with open(tmp, "wb") as fh:
+        with fh:
             for part in parts:
                 fh.write(part)
             fh.flush()

@@ -2,8 +2,9 @@
 
 ``fcntl.flock`` on ``<output>.lock`` (and ``<checkpoint.path>.lock`` when the checkpoint lives elsewhere),
 taken by rank 0 before any file is looked at and held until the run ends. The lock file holds
-"host pid start-time" of its holder, so a second run is refused with a one-line message naming them. The
-kernel releases a flock when its process dies (kill -9 included): a stale lock file never blocks a later
+"hpc-zsem run lock: host H pid P since T" of its holder, so a second run is refused with a one-line message
+naming them; a non-empty file that does not start so is somebody else's and is refused, never truncated or
+removed. The kernel releases a flock when its process dies (kill -9 included): a stale lock file never blocks a later
 run. The holder removes the file while it still holds the lock; a run that locked a file which was
 removed meanwhile locks again, so two runs never hold locks on different files of the same name.
 """
@@ -16,6 +17,8 @@ import socket
 from pathlib import Path
 
 from hpc_zsem.errors import OutputError
+
+_IDENTITY = b"hpc-zsem run lock: host"   # how every lock file this tool writes starts
 
 
 class RunLock:
@@ -61,10 +64,15 @@ def _lock(path: Path) -> int:
         if _is_current(fd, path):
             break
         os.close(fd)           # the holder removed the file after we opened it: lock the new one
+    content = os.pread(fd, len(_IDENTITY), 0)
+    if content and not content.startswith(_IDENTITY):
+        os.close(fd)           # somebody else's file of that name: never truncated or removed
+        raise OutputError(f"{path}: exists and is not an hpc-zsem lock file; move it away or choose another "
+                          "output.path / checkpoint.path")
     try:
         os.ftruncate(fd, 0)
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        os.write(fd, f"host {socket.gethostname()} pid {os.getpid()} since {started}\n".encode())
+        os.write(fd, _IDENTITY + f" {socket.gethostname()} pid {os.getpid()} since {started}\n".encode())
     except OSError:
         pass                   # the identity is a courtesy for the error message; the lock itself holds
     return fd
