@@ -149,7 +149,12 @@ def run_hpc_zsem(noisy, config, sets, workdir, tag="run"):
         mean, variance = f["mean"][:].astype(np.float64), f["variance"][:].astype(np.float64)
         sigma = float(np.sqrt(f["params/sigma2"][()]))
         epochs = int(len(f["history/epoch"])) if "history/epoch" in f else None
-    info = {"epochs_trained": epochs, "config_text": config_path(config).read_text()}
+        history = {key: [round(float(v), 6) for v in f[f"history/{name}"][:]]
+                   for key, name in (("sigma_history", "sigma2"), ("free_energy_history", "free_energy"),
+                                     ("seconds_history", "seconds")) if f"history/{name}" in f}
+    if "sigma_history" in history:       # σ at the start of each training epoch (σ² is logged before the M-step)
+        history["sigma_history"] = [round(float(np.sqrt(v)), 4) for v in history["sigma_history"]]
+    info = {"epochs_trained": epochs, "config_text": config_path(config).read_text(), **history}
     return mean, variance, sigma, usage.ru_utime + usage.ru_stime, wall, info
 
 

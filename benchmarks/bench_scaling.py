@@ -35,7 +35,8 @@ def main():
             cmd = ["mpiexec", "-n", str(ranks), sys.executable, "-m", "hpc_zsem", "run",
                    str(REPO / "configs" / "quality.yaml"), "--set", f"input.path={path}",
                    "--set", f"output.path={Path(tmp) / f'r{ranks}.h5'}", "--set", f"training.epochs={args.epochs}",
-                   "--set", "estimation.epochs=0", "--set", "truncation.children=1", "--set", "truncation.generations=1",
+                   "--set", "estimation.epochs=0", "--set", "truncation.children=1",
+                   "--set", "truncation.generations=1",
                    "--set", "checkpoint.every_epochs=0", "--threads", "1"]
             env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
             log = subprocess.run(cmd, check=True, env=env, capture_output=True, text=True).stdout

@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import Any
 
 import numpy as np
 
@@ -57,7 +58,7 @@ def _run_locked(args: argparse.Namespace, lock) -> int:
     stop = signals.install()
     _setup_logging(comm.rank)
     # Expected errors are found on rank 0 and broadcast, so every rank exits with the same message and code.
-    outcome = None
+    outcome: tuple[str, Any] | None = None
     resume = None
     if comm.rank == 0:
         try:
@@ -96,6 +97,7 @@ def _run_locked(args: argparse.Namespace, lock) -> int:
             return exc.exit_code
         except HpcZsemError as exc:
             if comm.size > 1:
+                lock.release()          # MPI_Abort ends the process before the caller's `finally` could
                 comm.abort(f"hpc-zsem: error: {exc}", 2)
             print(f"hpc-zsem: error: {exc}", file=sys.stderr)
             return 2
@@ -129,7 +131,7 @@ def _cmd_info_checkpoint(path: str) -> int:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from hpc_zsem.io.checkpoint import is_checkpoint
-    from hpc_zsem.io.results import read_result_summary
+    from hpc_zsem.io.stores import read_result_summary
 
     if is_checkpoint(args.file) or ".ckpt." in os.path.basename(args.file):
         return _cmd_info_checkpoint(args.file)
@@ -142,7 +144,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
           f"{meta.get('patch_size')}, input {meta.get('input_path')} ({meta.get('input_checksum')})")
     if history.get("epoch") is not None and len(history["epoch"]):
         models = f" over {len(set(history['section']))} sections, one model each" if "section" in history else ""
-        print(f"  {len(history['epoch'])} epochs{models}; last free energy per patch {history['free_energy'][-1]:.6g}"
+        free_energy = history.get("free_energy")
+        last = f"{free_energy[-1]:.6g}" if free_energy is not None and len(free_energy) else "n/a"
+        print(f"  {len(history['epoch'])} epochs{models}; last free energy per patch {last}"
               f"{_sigma2_text(result['params'])}; runtime {meta.get('runtime_seconds', float('nan')):.1f}s")
     print("  params: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in result["params"].items()))
     print(f"  config (hash {meta.get('config_hash')}):")
@@ -257,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="long_requeue (default), single_node, multi_node or array (see jobs/README.md)")
     slurm.add_argument("--ranks", type=int, default=4, help="MPI ranks (default 4)")
     slurm.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
-    slurm.add_argument("--cpus-per-task", type=int, default=1, help="cores per rank, passed to hpc-zsem run --threads (default 1)")
+    slurm.add_argument("--cpus-per-task", type=int, default=1,
+                       help="cores per rank, passed to hpc-zsem run --threads (default 1)")
     slurm.add_argument("--time", help="walltime, e.g. 24:00:00 (default: the template's)")
     slurm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="config override, also passed on to the job (repeatable)")

@@ -19,12 +19,12 @@ import reprlib
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, get_type_hints
+from typing import Any, Callable, Protocol, cast, get_type_hints
 
 import yaml
 
 from hpc_zsem.errors import ConfigError
-from hpc_zsem.resources import SIZE_TEXT, parse_bytes
+from hpc_zsem.units import SIZE_TEXT, parse_bytes
 
 OVERRIDE_SOURCE = "--set"
 
@@ -60,7 +60,13 @@ class _Expected(Exception):
         self.what = what
 
 
-Validator = Callable[[Any], Any]
+class Validator(Protocol):
+    """A config value check: returns the (normalised) value or raises ``_Expected``; ``what`` completes
+    "expected ..." in messages and the schema listing."""
+
+    what: str
+
+    def __call__(self, value: Any) -> Any: ...
 
 
 class _Echo(reprlib.Repr):
@@ -97,10 +103,10 @@ def _key_text(key: Any) -> str:
 
 # --------------------------------------------------------------------------------------------- validators
 
-def _described(check: Validator, what: str) -> Validator:
+def _described(check: Callable[[Any], Any], what: str) -> Validator:
     """``check`` with ``check.what`` = what it accepts (completes "expected ..."; listed by :func:`schema_help`)."""
-    check.what = what
-    return check
+    setattr(check, "what", what)
+    return cast(Validator, check)
 
 
 def _is_int(value: Any) -> bool:
@@ -266,7 +272,8 @@ class InputConfig:
     section: int | None = _opt(None, integer(0, MAX_PIXEL, nullable=True), "index of one section of a stack")
     crop: tuple[int, int, int, int] | None = _opt(None, crop_box(MAX_PIXEL), "[y0, y1, x0, x1] region to denoise")
     downsample: int = _opt(1, integer(1, 1024), "keep every k-th pixel in each direction (after crop)")
-    gain: float | None = _opt(None, real(positive=True, nullable=True), "GPMM: counts = (I - offset)/gain; null = estimate")
+    gain: float | None = _opt(None, real(positive=True, nullable=True),
+                              "GPMM: counts = (I - offset)/gain; null = estimate")
     offset: float | None = _opt(None, real(nullable=True), "GPMM: intensity of zero counts; null = estimate")
 
 
@@ -281,6 +288,10 @@ class ModelConfig:
     name: str = _opt("sssc", choice("sssc", "gpmm"), "generative model")
     H: int = _opt(64, integer(1, 1024), "SSSC: number of latents")
     psi: str = _opt("diag", choice("diag", "full"), "SSSC: prior covariance of the slab")
+    init: str = _opt("random", choice("random", "pca", "kmeans"), "SSSC: initial W: random = mean patch + "
+                     "noise; pca = the leading principal directions of a patch sample (second moments, scaled by "
+                     "the root of their eigenvalues) as the first min(H, D/2) columns (D = pixels per patch), "
+                     "the others random; kmeans = k-means centroids of a patch sample")
     C: int = _opt(100, integer(1, MAX_C), "GPMM: number of classes")
     gamma: str = _opt("shared", choice("shared", "per_class"), "GPMM: Gamma prior shared or per class")
 
@@ -307,15 +318,16 @@ class TrainingConfig:
     @property
     def epoch_limit(self) -> int:
         """The last epoch training may reach: ``epochs``, or ``max_epochs`` with ``epochs: auto``."""
-        return self.max_epochs if self.epochs == AUTO else self.epochs
+        return self.max_epochs if self.epochs == AUTO else int(self.epochs)
 
 
 @dataclass(frozen=True)
 class EstimationConfig:
-    epochs: int = _opt(5, integer(0, MAX_EPOCHS), "evolutionary E-steps with frozen parameters before estimating")
-    tile: tuple[int, int] = _opt((512, 512), int_pair(16, 65536), "tile height and width of the streamed "
-                                 "estimation pass (with training.max_patches); at least patches.size, and "
-                                 "best >= 8x it: patches on tile borders are computed once per tile they touch")
+    epochs: int = _opt(20, integer(0, MAX_EPOCHS), "evolutionary E-steps with frozen parameters that improve each "
+                       "patch's fresh truncated set before its estimate (more: closer to the trained sets' quality)")
+    tile: tuple[int, int] = _opt((512, 512), int_pair(16, 65536), "tile height and width of the estimation pass "
+                                 "(any tiling gives the same pixels); at least patches.size, and best >= 8x it: "
+                                 "patches on tile borders are computed once per tile they touch")
 
 
 @dataclass(frozen=True)
@@ -349,7 +361,7 @@ class CheckpointConfig:
 
 
 def memory_size() -> Validator:
-    """A memory size such as 2GiB, 1500MB, 2G or a number of bytes (see resources.parse_bytes), or null."""
+    """A memory size such as 2GiB, 1500MB, 2G or a number of bytes (see units.parse_bytes), or null."""
     what = f"{SIZE_TEXT}, or null"
 
     def check(value: Any) -> int | None:
@@ -357,7 +369,7 @@ def memory_size() -> Validator:
             return None
         try:
             return parse_bytes(value)
-        except ConfigError:
+        except ValueError:
             raise _Expected(what) from None
 
     return _described(check, what)

@@ -20,6 +20,7 @@ plane of their input, so a caller can render a large image band by band (see :mo
 """
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from typing import Sequence
 
@@ -228,7 +229,7 @@ def panel_canvas(tiles: Sequence[tuple[str, tuple[int, int]]], pad: int = 8,
     """
     if not tiles:
         raise ValueError("panel needs at least one image")
-    title_height = _title_fonts()[0].getbbox("Ag")[3] + pad
+    title_height = math.ceil(_title_fonts()[0].getbbox("Ag")[3]) + pad   # Pillow types the box as floats
     width = sum(w for _, (_, w) in tiles) + pad * (len(tiles) + 1)
     height = 2 * pad + title_height + max(h for _, (h, _) in tiles)
     strip = Image.new("RGB", (width, pad + title_height), tuple(background))

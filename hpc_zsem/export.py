@@ -20,8 +20,8 @@ Volumes (Z, Y, X) give one file of each kind, except the OME-TIFFs, per selected
 ``_z<index>`` before the extension (zero-padded to at least 3 digits, e.g. ``<stem>_mean_z003.tif``); those
 TIFFs too are one page per file. A ``--mask`` is an image (TIFF, or anything Pillow reads; nonzero = inside)
 of the section shape, applied to every section, or of the volume shape (a TIFF stack, read one page per
-section where it is stored so); ``--threshold`` puts the pixels whose *mean* exceeds the value inside. Nothing is written if any
-output exists, unless ``--overwrite``.
+section where it is stored so); ``--threshold`` puts the pixels whose *mean* exceeds the value inside. Nothing
+is written if any output exists, unless ``--overwrite``.
 
 Memory is bounded by about one section, not the volume: the images are read band by band (one row of HDF5
 chunks, or about :data:`BAND_PIXELS` pixels of whole rows for an unchunked dataset) and TIFFs are written
@@ -50,7 +50,7 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import h5py
 import numpy as np
@@ -82,7 +82,7 @@ UM = "µm"
 
 def _formats(text: str) -> frozenset[str]:
     """The ``--format`` value: a set of :data:`FORMATS` from a comma-separated list ("both" = tiff, png)."""
-    chosen = set()
+    chosen: set[str] = set()
     for item in text.split(","):
         item = item.strip()
         if item not in FORMATS + ("both",):
@@ -134,7 +134,7 @@ def _parse_sections(spec: str, depth: int | None, path: Path) -> list[int | None
     bad = [z for z in indices if not 0 <= z < depth]
     if bad:
         raise InputError(f"{path}: section {bad[0]} out of range (the volume has sections 0..{depth - 1})")
-    return indices
+    return list(indices)
 
 
 def _check_result(f: h5py.File, path: Path) -> tuple[int, ...]:
@@ -219,6 +219,7 @@ def sample_pixels(result: Result, kind: str) -> np.ndarray:
     grid = (len(result.sections), -(-result.height // block_rows), -(-result.width // block_cols))
     total = len(result.sections) * result.height * result.width
     rng = np.random.default_rng(SAMPLE_SEED)
+    picks: range | np.ndarray
     if total <= SAMPLE_PIXELS:
         picks, per_block = range(math.prod(grid)), None
     else:
@@ -334,12 +335,13 @@ def ome_metadata(result: Result, sections: list[int | None], name: str) -> dict:
     for axis, size in zip("YX", result.pixel_size[-2:]):
         metadata.update({f"PhysicalSize{axis}": size, f"PhysicalSize{axis}Unit": UM})
     if result.volume:
+        planes = [z for z in sections if z is not None]   # all of them: a volume's sections are indices
         dz = result.pixel_size[0]
-        steps = set(np.diff(sections).tolist()) or {1}
+        steps = set(np.diff(planes).tolist()) or {1}
         if len(steps) == 1:
             metadata.update({"PhysicalSizeZ": _um(dz * steps.pop()), "PhysicalSizeZUnit": UM})
-        metadata["Plane"] = {"PositionZ": [_um(z * dz) for z in sections],
-                             "PositionZUnit": [UM] * len(sections)}
+        metadata["Plane"] = {"PositionZ": [_um(z * dz) for z in planes],
+                             "PositionZUnit": [UM] * len(planes)}
     return metadata
 
 
@@ -393,6 +395,7 @@ def _tiff_writer(kind: str, ome: bool) -> Writer:
         dtype = np.dtype(export.args.tiff_dtype)
         shape = ((len(sections),) if ome and result.volume else ()) + (result.height, result.width)
         bigtiff = math.prod(shape) * dtype.itemsize > BIGTIFF_BYTES
+        options: dict[str, Any]
         if ome:
             options = {"ome": True, "metadata": ome_metadata(result, sections, f"{result.path.stem}_{kind}")}
         else:
@@ -413,6 +416,8 @@ def _png_writer(kind: str) -> Writer:
 def _write_twotone(export: Export, sections: list[int | None], fh: BinaryIO) -> None:
     """Write the two-tone variance PNG of one section."""
     (z,) = sections
+    if export.mask is None:
+        raise ValueError("a two-tone variance PNG needs --mask or --threshold")
     mask = export.mask(z)
     image = np.empty(mask.shape + (3,), dtype=np.uint8)
     for rows in export.result.bands:
@@ -483,7 +488,7 @@ def _prepare_out_dir(out_dir: Path, paths: list[Path], overwrite: bool) -> bool:
     return created
 
 
-def _os_error(exc: BaseException) -> OSError | None:
+def _os_error(exc: BaseException | None) -> OSError | None:
     """The OSError behind a failed write: ``exc`` itself or the first one in the chain a traceback would show
     (``__cause__``, else an unsuppressed ``__context__``; writers may wrap the OSError of a full disk in
     another exception); None if there is none."""
@@ -526,7 +531,7 @@ class _Staging:
     def __enter__(self) -> _Staging:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             for tmp in self._temps.values():
                 tmp.unlink(missing_ok=True)
@@ -535,7 +540,6 @@ class _Staging:
                     self._created_dir.rmdir()
                 except OSError:
                     pass
-        return False
 
     def write(self, path: Path, writer: Callable[[BinaryIO], None]) -> None:
         """Write the temporary file of ``path`` with ``writer(fh)``; OutputError if the write fails with an
@@ -557,7 +561,8 @@ class _Staging:
 
     def commit(self) -> list[Path]:
         """Rename every temporary file over its final name, in the order written; return the final paths."""
-        done, total = [], len(self._temps)
+        done: list[Path] = []
+        total = len(self._temps)
         for path, tmp in list(self._temps.items()):
             try:
                 os.replace(tmp, path)
@@ -603,6 +608,9 @@ def main(args: argparse.Namespace) -> int:
     """
     _check_numbers(args)
     path = Path(args.result)
+    if path.suffix.lower() == ".zarr" and path.is_dir():
+        raise InputError(f"{path}: export reads HDF5 results; an OME-Zarr result opens as it is in napari "
+                         "(napari-ome-zarr: open <result>.zarr/mean) and neuroglancer (zarr3://…/<result>.zarr/mean)")
     with open_result(path) as f:
         result = Result(f, path, args.sections)
         mask = _mask_reader(args, result)

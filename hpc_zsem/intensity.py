@@ -23,7 +23,7 @@ def _tile_moments(image: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray
     For independent noise of variance σ², E[(x' − x)²]/2 = σ² plus half the squared local gradient, so smooth
     structure inside a tile barely inflates v (unlike the plain tile variance).
     """
-    planes = image.reshape((-1,) + image.shape[-2:]).astype(np.float64)
+    planes = image.reshape(-1, *image.shape[-2:]).astype(np.float64)
     ny, nx = planes.shape[1] // block, planes.shape[2] // block
     tiles = planes[:, : ny * block, : nx * block].reshape(-1, ny, block, nx, block).transpose(0, 1, 3, 2, 4)
     tiles = tiles.reshape(-1, block, block)
@@ -70,7 +70,8 @@ def estimate_gain_offset(image: np.ndarray, block: int = 8) -> tuple[float, floa
     """
     image = np.asarray(image)
     if image.ndim < 2 or block < 2:
-        raise InputError(f"gain/offset estimation needs a 2-D image and block ≥ 2 (got shape {image.shape}, block {block})")
+        raise InputError(f"gain/offset estimation needs a 2-D image and block ≥ 2 (got shape {image.shape}, "
+                         f"block {block})")
     means, variances = _tile_moments(image, block)
     keep = variances > 0.0                      # constant tiles: saturated or padded
     if keep.sum() < 2 * _TILES_PER_BIN:

@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import traceback
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -83,6 +84,8 @@ class SerialComm:
         return [obj]
 
     def scatter(self, objs: list[Any] | None) -> Any:
+        if objs is None:
+            raise ValueError("scatter: the root (rank 0) must give the list of objects")
         return objs[0]
 
     def barrier(self) -> None:
@@ -141,13 +144,20 @@ class MPIComm:
         self._comm.Abort(code)
 
 
+def _mpi() -> ModuleType | None:
+    """mpi4py's ``MPI`` module; None without mpi4py, or with mpi4py ≥ 4 but no MPI library ("cannot load MPI
+    library")."""
+    try:
+        from mpi4py import MPI
+    except (ImportError, RuntimeError):
+        return None
+    return MPI
+
+
 def get_comm() -> SerialComm | MPIComm:
     """The communicator of this run. Refuses N copies of a serial program: under SLURM with
     SLURM_NTASKS > 1 a world of size 1 means the launcher did not wire up MPI (no PMI)."""
-    try:
-        from mpi4py import MPI
-    except (ImportError, RuntimeError):   # no mpi4py, or mpi4py ≥ 4 without an MPI library ("cannot load MPI library")
-        MPI = None
+    MPI = _mpi()
     size = MPI.COMM_WORLD.Get_size() if MPI is not None else 1
     tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
     if size == 1 and tasks > 1 and os.environ.get("SLURM_STEP_ID") is not None:

@@ -13,10 +13,17 @@ merge does not depend on how patches are sharded or tiled.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
+
+
+def as_pair(values: Sequence[int]) -> tuple[int, int]:
+    """``(a, b)`` as Python ints from any two-element sequence (a tuple, a YAML list, a numpy shape)."""
+    a, b = values
+    return int(a), int(b)
 
 
 def _corners(length: int, size: int, stride: int) -> np.ndarray:

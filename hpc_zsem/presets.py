@@ -17,10 +17,10 @@ CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 def _data_dir(kind: str) -> Path:
-    """The directory of ``kind`` (``"jobs"`` or ``"configs"``): the packaged copy if the package has one,
-    else the checkout's."""
+    """The directory of ``kind`` (``"jobs"`` or ``"configs"``): the packaged copy if the package has one (an
+    installed package is a directory, so ``resources.files`` gives a ``Path``), else the checkout's."""
     packaged = resources.files("hpc_zsem") / "_data" / kind
-    return Path(packaged) if packaged.is_dir() else CHECKOUT / kind
+    return packaged if isinstance(packaged, Path) and packaged.is_dir() else CHECKOUT / kind
 
 
 def jobs_dir() -> Path:

@@ -39,12 +39,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
+from hpc_zsem.config import Config
 from hpc_zsem.errors import ConfigError
+from hpc_zsem.io.regions import ImageSource, open_source
+from hpc_zsem.patches import PatchGrid
+from hpc_zsem.units import format_bytes
 
 KEY = "resources.max_memory_per_rank"
-#: the largest memory size accepted (1 EiB): larger ones are typos
-MAX_SIZE = 2**60
-SIZE_TEXT = "a memory size > 0 and <= 1 EiB such as 2GiB, 1500MB, 2G or a number of bytes"
 
 #: GPMM bytes per (patch of a block, class)
 GPMM_BYTES_PER_PATCH_CLASS = 64
@@ -71,13 +72,15 @@ def _patches_on_busiest_rank(n_patches_total: int, ranks: int, block_size: int) 
 
 def estimate_memory_per_rank(n_patches_total: int, ranks: int, D: int, model: str, H: int, S: int,
                              candidates_per_patch: int, C: int, block_size: int, image_pixels: int,
-                             *, parents: int = 0, mutation: str = "random", crossover: bool = False,
-                             full_psi: bool = False) -> MemoryEstimate:
+                             *, tile_pixels: int | None = None, parents: int = 0, mutation: str = "random",
+                             crossover: bool = False, full_psi: bool = False) -> MemoryEstimate:
     """Bytes by component on the busiest rank (see the module docstring) and ``"total"``.
 
     ``candidates_per_patch`` = parents · children · generations (the children scored per patch and E-step);
-    ``parents``, ``mutation``, ``crossover`` and ``full_psi`` as in the config. Arguments that do not apply to
-    ``model`` ("sssc" or "gpmm") are ignored."""
+    ``parents``, ``mutation``, ``crossover`` and ``full_psi`` as in the config; ``image_pixels`` the image held in
+    memory for training (0 when training reads a sample from the file), ``tile_pixels`` one tile of the
+    estimation pass (default: ``image_pixels``, the image as one tile). Arguments that do not apply to ``model``
+    ("sssc" or "gpmm") are ignored."""
     if model not in ("sssc", "gpmm"):
         raise ValueError(f"model must be 'sssc' or 'gpmm', got {model!r}")
     block_size = max(1, int(block_size))
@@ -94,62 +97,15 @@ def estimate_memory_per_rank(n_patches_total: int, ranks: int, D: int, model: st
         out["estep_temporaries"] = block * per_patch + 8 * H * H * (3 + 4 * (3 if full_psi else 1))
     else:
         out["gpmm_temporaries"] = block * C * GPMM_BYTES_PER_PATCH_CLASS
-    out["accumulators"] = image_pixels * ACCUMULATOR_BYTES_PER_PIXEL
+    out["accumulators"] = (image_pixels if tile_pixels is None else tile_pixels) * ACCUMULATOR_BYTES_PER_PIXEL
     out["image"] = image_pixels * (16 if model == "gpmm" else 8)
     out["total"] = sum(out[c] for c in COMPONENTS)
     result = MemoryEstimate((key, int(value)) for key, value in out.items())
     result.inputs = dict(n_patches_total=n_patches_total, ranks=ranks, D=D, model=model, H=H, S=S,
                          candidates_per_patch=candidates_per_patch, C=C, block_size=block_size,
-                         image_pixels=image_pixels, parents=parents, mutation=mutation, crossover=crossover,
-                         full_psi=full_psi)
+                         image_pixels=image_pixels, tile_pixels=tile_pixels, parents=parents, mutation=mutation,
+                         crossover=crossover, full_psi=full_psi)
     return result
-
-
-def format_bytes(n: int | float) -> str:
-    """``1536`` → ``"1.5 KiB"``, ``2 * 2**30`` → ``"2 GiB"``, ``3435973837`` → ``"3.2 GiB"`` (binary units, one
-    decimal, trailing ``.0`` dropped)."""
-    n = float(n)
-    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
-    i = 0
-    while abs(n) >= 1024 and i < len(units) - 1:
-        n /= 1024
-        i += 1
-    if i == 0:
-        return f"{int(n)} B"
-    text = f"{n:.1f}".rstrip("0").rstrip(".")
-    return f"{text} {units[i]}"
-
-
-_UNITS = {"": 1, "b": 1,
-          "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4,
-          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
-          "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
-
-
-def parse_bytes(value: Any, key: str = KEY) -> int:
-    """A memory size → bytes: an int (bytes) or a string ``"2GiB"``, ``"1500MB"``, ``"2G"``, ``"512 MiB"``.
-
-    Units (case-insensitive): B; KiB/MiB/GiB/TiB and the SLURM-style K/M/G/T are powers of 1024; KB/MB/GB/TB
-    are powers of 1000. Anything else (or a size <= 0 or > :data:`MAX_SIZE`) raises a one-line ConfigError
-    naming ``key``."""
-    from hpc_zsem.config import short_repr   # config imports this module
-
-    what = f"{key}: expected {SIZE_TEXT}, got {short_repr(value)}"
-    if isinstance(value, bool):
-        raise ConfigError(what)
-    if isinstance(value, (int, float)):
-        number = value
-    elif isinstance(value, str):
-        match = _SIZE.match(value)
-        if not match or match.group(2).lower() not in _UNITS:
-            raise ConfigError(what)
-        number = float(match.group(1)) * _UNITS[match.group(2).lower()]
-    else:
-        raise ConfigError(what)
-    if not 0 < number <= MAX_SIZE or int(number) <= 0:   # NaN fails the first test, 0.5 bytes the second
-        raise ConfigError(what)
-    return int(number)
 
 
 def ranks_needed(estimate: MemoryEstimate, limit_bytes: int) -> int | None:
@@ -265,11 +221,11 @@ def default_memory_limit(env: Mapping[str, str] | None = None) -> MemoryLimit | 
     physical memory, its SLURM allocation and its cgroup limit, divided by the ranks on this node; None when
     none of them is known."""
     env = os.environ if env is None else env
-    known = [(physical_memory(), "physical memory of this machine"), (cgroup_memory(), "cgroup memory limit")]
+    sizes = [(physical_memory(), "physical memory of this machine"), (cgroup_memory(), "cgroup memory limit")]
     slurm = slurm_memory(env)
     if slurm is not None:
-        known.append((slurm[0], f"SLURM allocation, {slurm[1]}"))
-    known = [(size, source) for size, source in known if size]
+        sizes.append((slurm[0], f"SLURM allocation, {slurm[1]}"))
+    known = [(size, source) for size, source in sizes if size]
     if not known:
         return None
     node, source = min(known)
@@ -297,7 +253,7 @@ def check_memory(estimate: dict[str, int], limit_bytes: int | None) -> None:
                  f"on this node, as {KEY} is null)")
         spread = f" with at most {default.ranks_on_node} per node"
         override = f"; or set {KEY} if the estimate is too high"
-    if not hasattr(estimate, "inputs"):
+    if not isinstance(estimate, MemoryEstimate):
         fix = f"use more ranks{spread} or {smaller}"
     elif (needed := ranks_needed(estimate, limit_bytes)) is not None:
         fix = f"use at least {needed} ranks{spread} or {smaller}"
@@ -305,6 +261,45 @@ def check_memory(estimate: dict[str, int], limit_bytes: int | None) -> None:
         fix = (f"more ranks cannot make it fit: use {smaller}, a smaller training.block_size, "
                "or a smaller image (input.crop / input.downsample)")
     raise ConfigError(f"{head}; {fix}{override}")
+
+
+def open_input(config: Config) -> ImageSource:
+    """The config's input as an image source (crop, downsample and section applied; headers read only)."""
+    i = config.input
+    return open_source(i.path, i.section, crop=i.crop, downsample=i.downsample)
+
+
+def input_geometry(config: Config) -> tuple[tuple[int, int], int]:
+    """(plane shape, number of sections) of the input after crop/downsample, from its headers only."""
+    with open_input(config) as source:
+        return source.plane_shape, source.n_sections
+
+
+def trains_on_sample(config: Config, n_patches: int) -> bool:
+    """Train on a sample of ``training.max_patches`` read from the file (mosaics), or on every patch of the
+    image held in memory."""
+    return config.training.max_patches is not None and config.training.max_patches < n_patches
+
+
+def memory_per_rank(config: Config, plane: tuple[int, int], n_sections: int, ranks: int) -> tuple[MemoryEstimate, int]:
+    """The memory estimate of the busiest rank (:func:`estimate_memory_per_rank`) for this config on an input of
+    ``n_sections`` planes of shape ``plane``, and the number of training patches: the image is held in memory
+    only when every patch trains (one section at a time with ``training.per_section``); the estimation pass
+    holds one tile (``estimation.tile``, at most the plane)."""
+    h, w = config.patches.size
+    sections = 1 if config.training.per_section else n_sections
+    grid = PatchGrid(plane, (h, w), config.patches.stride, sections)
+    n_train = min(grid.n_patches, config.training.max_patches or grid.n_patches)
+    t = config.truncation
+    tile = [min(a, b) for a, b in zip(config.estimation.tile, plane)]
+    estimate = estimate_memory_per_rank(
+        n_patches_total=n_train, ranks=ranks, D=h * w, model=config.model.name, H=config.model.H, S=t.S,
+        candidates_per_patch=t.parents * t.children * t.generations, C=config.model.C,
+        block_size=config.training.block_size,
+        image_pixels=0 if trains_on_sample(config, grid.n_patches) else sections * plane[0] * plane[1],
+        tile_pixels=(tile[0] + h) * (tile[1] + w), parents=t.parents, mutation=t.mutation, crossover=t.crossover,
+        full_psi=config.model.psi == "full")
+    return estimate, n_train
 
 
 def measure_peak(call: Callable[[], Any]) -> int:

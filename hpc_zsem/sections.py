@@ -23,13 +23,16 @@ from typing import Any, Callable
 import numpy as np
 
 from hpc_zsem.config import Config
+from hpc_zsem.dataset import output_pixel_size
 from hpc_zsem.errors import ConfigError, HpcZsemError, OutputError
 from hpc_zsem.io.checkpoint import Checkpoint, checkpoint_path, find_resumable
 from hpc_zsem.io.images import file_checksum
 from hpc_zsem.io.regions import open_source
-from hpc_zsem.io.results import _plain, open_result
-from hpc_zsem.io.volumes import CHUNK, VolumeWriter
-from hpc_zsem.pipeline import output_pixel_size, run
+from hpc_zsem.io.results import open_result, plain_value
+from hpc_zsem.io.stores import open_result_store
+from hpc_zsem.io.volumes import CHUNK
+from hpc_zsem.parallel import SerialComm
+from hpc_zsem.pipeline import run
 
 log = logging.getLogger("hpc_zsem")
 
@@ -78,7 +81,7 @@ def _finished(part: Path, config: Config, checksum: str) -> bool:
     if not part.exists():
         return False
     with open_result(part) as f:
-        meta = {k: _plain(f.attrs.get(k)) for k in ("config_hash", "input_checksum")}
+        meta = {k: plain_value(f.attrs.get(k)) for k in ("config_hash", "input_checksum")}
     if meta == {"config_hash": config.hash(), "input_checksum": checksum}:
         return True
     raise ConfigError(f"{part}: a finished section of a different run (its config or input differs); pass "
@@ -135,7 +138,7 @@ def run_per_section(config: Config, comm, overwrite: bool = False, restart: bool
 
 @dataclasses.dataclass(frozen=True)
 class _Band:
-    """Rows [y0:y1] (all columns x0:x1) of section z: a region for ``VolumeWriter.write``."""
+    """Rows [y0:y1] (all columns x0:x1) of section z: a region for a result store's ``write``."""
 
     z: int
     y0: int
@@ -145,42 +148,49 @@ class _Band:
 
 
 def _assemble(config: Config, parts: list[Path], overwrite: bool, started: str, seconds: float) -> None:
-    """Copy the finished sections into one (Z, Y, X) result volume (rank 0), band by band."""
+    """Copy the finished sections into one (Z, Y, X) result volume (rank 0, alone), band by band, into the
+    store ``output.path`` selects (HDF5, or OME-Zarr for ``.zarr``)."""
     with open_result(parts[0]) as f:
         plane = f["mean"].shape
         images = [name for name in ("mean", "variance", "input") if name in f]
     rows = max(CHUNK, COPY_BYTES // (4 * plane[1]) // CHUNK * CHUNK)      # whole 256-row chunks per band
-    writer = VolumeWriter(config.output.path, (len(parts),) + plane, element_size_um=output_pixel_size(config),
-                          extra=tuple(images[2:]), overwrite=overwrite)
+    store = open_result_store(SerialComm(), config.output.path, (len(parts),) + plane,
+                              element_size_um=output_pixel_size(config), extra=tuple(images[2:]),
+                              overwrite=overwrite, tile=(CHUNK, CHUNK))
     params: dict[str, list[np.ndarray]] = {}
     history: dict[str, list[np.ndarray]] = {}
     metadata: list[dict[str, Any]] = []
-    with writer:
+    try:
         for z, part in enumerate(parts):
             with open_result(part) as f:
                 for y0 in range(0, plane[0], rows):
                     y1 = min(y0 + rows, plane[0])
                     mean, variance, *extra = (f[name][y0:y1] for name in images)
-                    writer.write(_Band(z, y0, y1, 0, plane[1]), mean, variance, **dict(zip(images[2:], extra)))
+                    store.write(_Band(z, y0, y1, 0, plane[1]), mean, variance, **dict(zip(images[2:], extra)))
                 for key, value in f["params"].items():
                     params.setdefault(key, []).append(value[()])
                 columns = {key: value[()] for key, value in f["history"].items()}
                 columns["section"] = np.full(len(next(iter(columns.values()), [])), float(z))
                 for key, value in columns.items():
                     history.setdefault(key, []).append(value)
-                metadata.append({k: _plain(v) for k, v in f.attrs.items()})
-        writer.set_params({key: np.stack(values) for key, values in params.items()})
-        writer.set_history({key: np.concatenate(values) for key, values in history.items()})
-        writer.set_metadata(_merged_metadata(config, metadata, started, seconds))
+                metadata.append({k: plain_value(v) for k, v in f.attrs.items()})
+        store.set_params({key: np.stack(values) for key, values in params.items()})
+        store.set_history({key: np.concatenate(values) for key, values in history.items()})
+        store.set_metadata(_merged_metadata(config, metadata, started, seconds))
+        store.close()
+    except BaseException:
+        store.abort()           # nothing half-written stays; the finished sections stay for a rerun
+        raise
 
 
 def _merged_metadata(config: Config, sections: list[dict[str, Any]], started: str, seconds: float) -> dict[str, Any]:
     """The output's metadata: the first section's, with this config, totals over the sections, and the
     per-section intensity mappings as lists."""
     first = sections[0]
-    resumed = [m.get("resumed_from") for m in sections if m.get("resumed_from")]
-    return {key: first[key] for key in ("version", "model", "ranks", "seed", "input_path", "input_checksum",
-                                        "patch_size") if key in first} | {
+    resumed = [m["resumed_from"] for m in sections if m.get("resumed_from")]
+    kept: dict[str, Any] = {key: first[key] for key in ("version", "model", "ranks", "seed", "input_path",
+                                                        "input_checksum", "patch_size") if key in first}
+    return kept | {
         "config": config.to_yaml(), "config_hash": config.hash(), "created": started,
         "runtime_seconds": float(sum(m.get("runtime_seconds", 0.0) for m in sections)),
         "wall_seconds_this_job": seconds, "per_section": True,

@@ -18,7 +18,7 @@ Layout: ``--ranks`` MPI ranks × ``--cpus-per-task`` threads per rank = cores; t
 
 The memory request per CPU is
 
-    (hpc_zsem.pipeline.memory_per_rank(...)["total"]                 the busiest rank's data and temporaries
+    (hpc_zsem.resources.memory_per_rank(...)["total"]                 the busiest rank's data and temporaries
      + 3 · n_training · S · ⌈H/64⌉ · 8 B                              SSSC: all truncated sets, gathered on
      + BASELINE) / cpus-per-task, rounded up to 100 MiB                rank 0 for a checkpoint (list + array
                                                                        + the file built in memory)
@@ -76,8 +76,7 @@ def template_dir() -> Path:
 def memory_estimate(config, ranks: int) -> tuple[dict[str, int], int]:
     """(bytes by part of :data:`PARTS` on the busiest rank — ``"gathered"`` only on rank 0 while it writes a
     checkpoint —, training patches) for the config's input (headers only); see the module docstring."""
-    from hpc_zsem.pipeline import input_geometry, memory_per_rank
-    from hpc_zsem.resources import COMPONENTS
+    from hpc_zsem.resources import COMPONENTS, input_geometry, memory_per_rank
 
     plane, n_sections = input_geometry(config)
     estimate, n_train = memory_per_rank(config, plane, n_sections, ranks)
@@ -127,7 +126,7 @@ def fill(text: str, sbatch: dict[str, str], variables: dict[str, str | list[str]
     lines: list[str | None] = list(text.splitlines())
     done: set[str] = set()
     last = 0
-    for i, line in enumerate(lines):
+    for i, line in enumerate(text.splitlines()):
         m = re.match(r"#SBATCH\s+--([\w-]+)(=(\S*))?", line)
         if m:
             last = i
@@ -140,9 +139,9 @@ def fill(text: str, sbatch: dict[str, str], variables: dict[str, str | list[str]
                 continue
         for name, value in variables.items():
             default = r"\(\)" if isinstance(value, list) else rf"\$\{{{name}:-[^}}]*\}}"
-            new, n = re.subn(rf"^{name}={default}", lambda _: assignment(name, value), lines[i])
+            new, n = re.subn(rf"^{name}={default}", lambda _: assignment(name, value), line)
             if n:
-                lines[i] = new
+                lines[i] = line = new
                 done.add(name)
     missing = [name for name in variables if name not in done]
     if missing:
@@ -156,11 +155,11 @@ def check_node_memory(per_node: int, parts: dict[str, int], layout: str) -> None
     """Refuse a memory request of more than :data:`MAX_NODE_MEMORY` per node, warn on stderr above
     :data:`WARN_NODE_MEMORY`; the message names the largest part of the estimate and the config keys that
     drive it."""
-    from hpc_zsem.resources import format_bytes
+    from hpc_zsem.units import format_bytes
 
     if per_node <= WARN_NODE_MEMORY:
         return
-    largest = max(parts, key=parts.get)
+    largest = max(parts, key=parts.__getitem__)
     label, keys = PARTS[largest]
     what = (f"the memory request is {format_bytes(per_node)} per node ({layout}); its largest part, the "
             f"{label} ({format_bytes(parts[largest])} per rank), grows with {keys}")
@@ -205,8 +204,9 @@ def render(config_path: str, config, template: str, ranks: int, nodes: int, time
         sbatch["ntasks"] = str(ranks)
     if time is not None:
         sbatch["time"] = time
-    variables = {"CONFIG": config_path, "OUTDIR": str(Path(config.output.path).parent),
-                 "OVERRIDES": [arg for o in overrides for arg in ("--set", o)]}
+    variables: dict[str, str | list[str]] = {
+        "CONFIG": config_path, "OUTDIR": str(Path(config.output.path).parent),
+        "OVERRIDES": [arg for o in overrides for arg in ("--set", o)]}
     header = (f"# filled by `hpc-zsem slurm` for {config_path}: {ranks} rank(s) × {cpus} thread(s) per rank "
               f"(--cpus-per-task, hpc-zsem run --threads) = {ranks * cpus} cores on {nodes} node(s)\n"
               f"# {n_train} training patches; memory estimate {per_rank / MB:.0f} MB per rank "

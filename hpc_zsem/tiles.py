@@ -23,7 +23,7 @@ from functools import cached_property
 
 import numpy as np
 
-from hpc_zsem.patches import PatchGrid, PixelAccumulator
+from hpc_zsem.patches import PatchGrid, PixelAccumulator, as_pair
 
 DEFAULT_TILE = (512, 512)     # multiples of the 256×256 output chunks keep HDF5 writes chunk-aligned
 DEFAULT_BATCH = 32768         # patches per estimate_fn call (bounds memory: batch · D · 8 bytes per array)
@@ -117,7 +117,7 @@ def plan_tiles(shape: tuple[int, ...], tile: tuple[int, int] = DEFAULT_TILE, pat
     section into ``tile``-sized rectangles (smaller at the right and bottom edges); halos are the union of
     the global-grid patches that cover the core."""
     plane, sections = _plane_and_sections(tuple(shape))
-    grid = PatchGrid(plane, tuple(patch), int(stride))   # raises if the patch is larger than the image
+    grid = PatchGrid(plane, as_pair(patch), int(stride))   # raises if the patch is larger than the image
     ty, tx = (int(t) for t in tile)
     if ty < 1 or tx < 1:
         raise ValueError(f"tile size {tile} must be positive")
@@ -132,7 +132,7 @@ def plan_tiles(shape: tuple[int, ...], tile: tuple[int, int] = DEFAULT_TILE, pat
         x1 = min(x0 + tx, plane[1])
         j0, j1 = _covering(grid.xs, w, x0, x1)
         cols.append((x0, x1, int(grid.xs[j0]), int(grid.xs[j1 - 1]) + w))
-    tiles = []
+    tiles: list[Tile] = []
     for z in sections:
         for y0, y1, hy0, hy1 in rows:
             for x0, x1, hx0, hx1 in cols:
@@ -144,7 +144,7 @@ def tile_grid(tile: Tile, plane_shape: tuple[int, int], patch: tuple[int, int],
               stride: int = 1) -> tuple[CornerGrid, np.ndarray]:
     """The patches a tile processes: a CornerGrid over its halo region (local corners) and the global patch
     index (within the section's PatchGrid) of each of its patches, row-major like the grid."""
-    grid = PatchGrid(tuple(plane_shape), tuple(patch), int(stride))
+    grid = PatchGrid(as_pair(plane_shape), as_pair(patch), int(stride))
     h, w = grid.size
     i0, i1 = _covering(grid.ys, h, tile.y0, tile.y1)
     j0, j1 = _covering(grid.xs, w, tile.x0, tile.x1)
@@ -189,7 +189,7 @@ def sample_index(source, n_patches: int, rng: np.random.Generator, patch: tuple[
     """The sorted global indices (section · patches-per-section + index in section) of ``n_patches`` patches
     drawn uniformly without replacement from all patches of all sections (all of them if there are fewer).
     Needs only the source's shape; the same ``rng`` state gives the same sample on every rank."""
-    total = PatchGrid(tuple(source.plane_shape), tuple(patch), int(stride), source.n_sections).n_patches
+    total = PatchGrid(as_pair(source.plane_shape), as_pair(patch), int(stride), source.n_sections).n_patches
     n = min(int(n_patches), total)
     return np.arange(total) if n == total else np.sort(rng.choice(total, size=n, replace=False))
 
@@ -202,7 +202,7 @@ def read_patches(source, ids: np.ndarray, patch: tuple[int, int], stride: int = 
     bounding box of its patches (or, when the patches are sparse in it, each patch alone), so a sparse sample
     of a huge mosaic reads a small fraction of it."""
     ids = np.asarray(ids, dtype=np.int64)
-    grid = PatchGrid(tuple(source.plane_shape), tuple(patch), int(stride), source.n_sections)
+    grid = PatchGrid(as_pair(source.plane_shape), as_pair(patch), int(stride), source.n_sections)
     z, cy, cx = grid.corners(ids)
     h, w = grid.size
     gy, gx = (int(g) for g in group)

@@ -33,7 +33,7 @@ def em_crop(tmp_path_factory):
 
 def write_old_result(path) -> bytes:
     """A small but real earlier hpc_zsem result at ``path`` (what --overwrite may replace); its bytes."""
-    from hpc_zsem.io.results import write_result
+    from hpc_zsem.io.volumes import write_result
 
     image = np.arange(64.0).reshape(8, 8)
     write_result(path, mean=image, variance=image, noisy=image, params={}, history={}, metadata={})

@@ -313,8 +313,10 @@ def test_resume_in_process_is_bit_identical(tmp_path, model, stop_at):
     with pytest.raises(StopRequested):
         pipeline.run(config, SerialComm(), stop=StopAtCheck(stop_at))
     saved = ck.read_checkpoint(ck.checkpoint_path(config))
-    assert (saved.stage, saved.epoch) == (("train", stop_at) if stop_at <= 12 else ("estimate", stop_at - 12))
-    assert (saved.states is None) == (model == "gpmm")
+    # a stop during the estimation pass keeps the checkpoint of the end of training (no states: the pass starts
+    # every patch from a fresh set) and the finished tiles in out.h5.partial
+    assert (saved.stage, saved.epoch) == (("train", stop_at) if stop_at <= 12 else ("estimate", 12))
+    assert (saved.states is None) == (model == "gpmm" or saved.stage == "estimate")
     resume = ck.find_resumable(config)
     assert resume is not None and resume.epoch == saved.epoch
     pipeline.run(config, SerialComm(), resume=resume)

@@ -36,7 +36,7 @@ def test_defaults():
     assert cfg.patches.size == (8, 8) and cfg.patches.stride == 1
     assert (cfg.model.name, cfg.model.H, cfg.model.psi, cfg.model.C) == ("sssc", 64, "diag", 100)
     assert (cfg.truncation.S, cfg.truncation.parents, cfg.truncation.crossover) == (60, 20, False)
-    assert cfg.training.block_size == 1024 and cfg.estimation.epochs == 5
+    assert cfg.training.block_size == 1024 and cfg.estimation.epochs == 20
     assert cfg.input.crop is None and cfg.input.downsample == 1
 
 
@@ -82,6 +82,14 @@ def test_out_of_range_and_choices():
     assert "'sssc', 'gpmm'" in error(None, REQUIRED + ["model.name=pca"])
     assert "input.crop" in error(None, REQUIRED + ["input.crop=[5,5,0,4]"])
     assert "input.gain: expected a number > 0" in error(None, REQUIRED + ["input.gain=0"])
+
+
+def test_model_init():
+    assert load_config(None, REQUIRED).model.init == "random"
+    assert load_config(None, REQUIRED + ["model.init=kmeans"]).model.init == "kmeans"
+    assert error(None, REQUIRED + ["model.init=PCA"]) == \
+        "--set: model.init: expected one of 'random', 'pca', 'kmeans', got 'PCA'"
+    assert "model.init (default 'random'; one of 'random', 'pca', 'kmeans')" in schema_help()
 
 
 def test_s_larger_than_states_rejected():

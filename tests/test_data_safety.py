@@ -133,7 +133,8 @@ def test_16_a_second_run_on_the_same_output_is_refused_naming_the_first(tiny):
         while not (tiny / "out" / "t.h5.lock").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         second = hpc(tiny, "--restart")
-        assert second.returncode == 2 and f"pid {first.pid}" in second.stderr and "another hpc-zsem run" in second.stderr
+        assert second.returncode == 2
+        assert f"pid {first.pid}" in second.stderr and "another hpc-zsem run" in second.stderr
         assert first.poll() is None
     finally:
         first.kill()
@@ -230,10 +231,10 @@ def _fill(directory, leave_bytes):
 
 @pytest.fixture
 def tiny_disk(tiny):
-    """A 2 MB tmpfs at tiny/full (root and a mountable tmpfs needed)."""
+    """An 8 MB tmpfs at tiny/full (root and a mountable tmpfs needed)."""
     disk = tiny / "full"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)],
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
     yield disk
@@ -243,8 +244,9 @@ def tiny_disk(tiny):
 def test_6_full_disk_for_the_result_is_a_one_line_error_and_keeps_the_old_result(tiny, tiny_disk):
     old = write_old_result(tiny_disk / "r.h5")
     _fill(tiny_disk, 20_000)
-    for extra in ((), ("training.max_patches=2000", "estimation.tile=[64,64]")):
-        proc = hpc(tiny, "output.path=full/r.h5", "checkpoint.path=out/c.h5", "--overwrite", *extra)
+    for i, extra in enumerate(((), ("training.max_patches=2000", "estimation.tile=[64,64]"))):
+        # the checkpoint of the end of training stays (for a rerun on a freed disk); each variant has its own
+        proc = hpc(tiny, "output.path=full/r.h5", f"checkpoint.path=out/c{i}.h5", "--overwrite", *extra)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.count("\n") == 1 and "space" in proc.stderr.lower()
         assert (tiny_disk / "r.h5").read_bytes() == old

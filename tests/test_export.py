@@ -16,7 +16,7 @@ from PIL import Image
 
 from hpc_zsem import cli, enhance, export
 from hpc_zsem.errors import ConfigError, InputError, OutputError
-from hpc_zsem.io import results
+from hpc_zsem.io import results, volumes
 
 
 def write_result(path: Path, shape=(24, 32), with_input=True, seed=0) -> dict[str, np.ndarray]:
@@ -223,7 +223,7 @@ def write_real_result(path: Path, shape=(24, 32), seed=0) -> dict[str, np.ndarra
     images = {"mean": rng.normal(10, 3, shape).astype(np.float32),
               "variance": rng.gamma(2.0, 0.5, shape).astype(np.float32)}
     images["input"] = images["mean"] + rng.normal(0, 1, shape).astype(np.float32)
-    results.write_result(path, mean=images["mean"], variance=images["variance"], noisy=images["input"],
+    volumes.write_result(path, mean=images["mean"], variance=images["variance"], noisy=images["input"],
                          params={"W": np.zeros((4, 3))}, history={"epoch": [1.0]}, metadata={"model": "sssc"},
                          overwrite=True)
     return images
@@ -399,7 +399,7 @@ def smooth_result(path: Path, shape) -> None:
     """A result file (as hpc_zsem.io.results writes it) of smooth images, which PNG compresses quickly."""
     z, y, x = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij")
     mean = 10 + 3 * np.sin(x / 40) * np.cos(y / 50) + z
-    results.write_result(path, mean=mean, variance=1 + np.cos(x / 30) ** 2, noisy=mean + np.sin(y),
+    volumes.write_result(path, mean=mean, variance=1 + np.cos(x / 30) ** 2, noisy=mean + np.sin(y),
                          params={}, history={}, metadata={}, overwrite=True)
 
 

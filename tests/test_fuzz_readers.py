@@ -39,7 +39,7 @@ CRASH_CLASSES: dict[str, tuple[str, list[tuple[str, int]]]] = {
     "tiff-series-zero-division": (
         "ZeroDivisionError from tifffile's TiffFile.series (detect_series) on a corrupt tag escapes read_image "
         "(images._series_layout) and open_source (TiffSource.__init__): ZeroDivisionError is not in "
-        "images._READ_ERRORS",
+        "images.READ_ERRORS",
         [("plain_u8.tif", 45), ("zlib_u8.tif", 75), ("zlib_u8.tif", 108), ("zlib_u8.tif", 138),
          ("tiled_u16.tif", 15), ("tiled_u16.tif", 29)]),
     "read-plane-reshape": (
@@ -76,7 +76,7 @@ def write_originals(folder: Path) -> dict[str, Path]:
     """The four small valid files."""
     import tifffile
 
-    from hpc_zsem.io.results import write_result
+    from hpc_zsem.io.volumes import write_result
 
     rng = np.random.default_rng(2024)
     paths = {name: folder / name for name in FILES}
@@ -336,6 +336,6 @@ if __name__ == "__main__":
                 print(reader, "→", end=" ")
                 try:
                     print(call())
-                except Exception as exc:   # noqa: BLE001
+                except Exception:   # noqa: BLE001
                     import traceback
                     traceback.print_exc()

@@ -54,6 +54,24 @@ def test_streamed_tiles_equal_the_whole_image(em_crop, tmp_path):
     assert np.mean((results[0]["mean"] - clean) ** 2) < 0.6 * 25**2      # it denoises
 
 
+def test_one_estimation_path_whatever_the_tiling_and_whether_training_used_a_sample(em_crop, tmp_path):
+    """An image held in memory is estimated as a stream of tiles from fresh truncated sets: with the same model
+    a run that trained on every patch and runs that trained on a sample or use other tiles give the same pixels."""
+    _, noisy = em_crop
+    whole = tmp_path / "whole.h5"
+    run(config_for(noisy, whole), SerialComm())              # every patch trains; one 64×64 tile
+    reference = read_result(whole)
+    assert reference["metadata"]["n_training_patches"] == reference["metadata"]["n_patches"]
+    for name, extra in {"sample": ["training.max_patches=1500"], "tiles": ["estimation.tile=[24,40]"],
+                        "both": ["training.max_patches=900", "estimation.tile=[16,16]"]}.items():
+        job = Run(config_for(noisy, tmp_path / f"{name}.h5", *extra), SerialComm())
+        job.training.params = reference["params"]
+        assert job.estimate({"model": "sssc"}, overwrite=False)
+        other = read_result(tmp_path / f"{name}.h5")
+        np.testing.assert_array_equal(other["mean"], reference["mean"])
+        np.testing.assert_array_equal(other["variance"], reference["variance"])
+
+
 def test_stack_gives_a_volume_whose_sections_match_single_section_runs(stack_path, tmp_path):
     out = tmp_path / "stack.h5"
     run(config_for(stack_path, out, "training.max_patches=3000", "estimation.tile=[32,32]"), SerialComm())
@@ -64,8 +82,8 @@ def test_stack_gives_a_volume_whose_sections_match_single_section_runs(stack_pat
     for z in (0, 2):
         job = Run(config_for(stack_path, tmp_path / f"z{z}.h5", f"input.section={z}", "training.max_patches=3000",
                              "estimation.tile=[48,56]"), SerialComm())
-        job.params = stack["params"]                    # the model learned on the whole stack
-        assert job.estimate_streaming({"model": "sssc"}, overwrite=False)
+        job.training.params = stack["params"]           # the model learned on the whole stack
+        assert job.estimate({"model": "sssc"}, overwrite=False)
         single = read_result(tmp_path / f"z{z}.h5")
         np.testing.assert_allclose(single["mean"], stack["mean"][z], rtol=0, atol=1e-4)
         np.testing.assert_allclose(single["variance"], stack["variance"][z], rtol=0, atol=1e-3)
@@ -113,6 +131,19 @@ def test_per_section_volume_holds_one_model_per_section(stack_path, per_section_
         np.testing.assert_array_equal(single["mean"], ref["mean"][z])
         np.testing.assert_array_equal(single["variance"], ref["variance"][z])
         np.testing.assert_array_equal(single["params"]["W"], ref["params"]["W"][z])
+
+
+def test_per_section_into_ome_zarr_equals_the_hdf5_volume(stack_path, per_section_reference, tmp_path):
+    zarr = pytest.importorskip("zarr")
+    out = tmp_path / "stack.zarr"
+    run_per_section(config_for(stack_path, out, "training.per_section=true"), SerialComm())
+    ref = read_result(per_section_reference)
+    root = zarr.open_group(str(out), mode="r")
+    for name in ("mean", "variance", "input"):
+        np.testing.assert_array_equal(root[name]["0"][:], ref[name])
+    np.testing.assert_array_equal(root["params"]["W"][:], ref["params"]["W"])
+    assert root.attrs["per_section"] and root.attrs["axes"] == "ZYX"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stack.zarr"]       # no parts, no HDF5 under that name
 
 
 def test_per_section_resumes_after_a_stop_and_skips_finished_sections(stack_path, per_section_reference,
@@ -164,23 +195,23 @@ def test_per_section_with_streamed_sections(stack_path, tmp_path):
 def test_each_rank_reads_only_its_share_of_the_training_sample(em_crop, tmp_path, monkeypatch):
     """With training.max_patches the sample is drawn identically on every rank but each rank reads only the
     patches of its own blocks (I/O and memory per rank = sample / ranks)."""
-    import hpc_zsem.pipeline as pipeline
+    import hpc_zsem.dataset as dataset
 
     _, noisy = em_crop
-    read, original = [], pipeline.read_patches
+    read, original = [], dataset.read_patches
 
     def counting(src, ids, *args, **kwargs):
         read.append(np.array(ids))
         return original(src, ids, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "read_patches", counting)
+    monkeypatch.setattr(dataset, "read_patches", counting)
     config = config_for(noisy, tmp_path / "x.h5", "training.max_patches=1500", "training.block_size=200")
     jobs = [Run(config, type("Rank", (SerialComm,), {"rank": r, "size": 2})()) for r in (0, 1)]
     assert [len(ids) for ids in read] == [800, 700]                       # 4 and 4 blocks of 200 (last 100)
-    np.testing.assert_array_equal(np.concatenate(read), jobs[0].train_ids)  # together: the whole sample, once
+    np.testing.assert_array_equal(np.concatenate(read), jobs[0].data.train_ids)  # together: the whole sample, once
     whole = Run(config, SerialComm())
-    np.testing.assert_array_equal(np.concatenate([b.Y for job in jobs for b in job.blocks]),
-                                  np.concatenate([b.Y for b in whole.blocks]))
+    np.testing.assert_array_equal(np.concatenate([b.Y for job in jobs for b in job.training.blocks]),
+                                  np.concatenate([b.Y for b in whole.training.blocks]))
 
 
 def test_a_stopped_estimation_pass_continues_with_the_tiles_not_yet_written(em_crop, tmp_path, caplog):

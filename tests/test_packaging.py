@@ -163,7 +163,8 @@ def test_editable_install_reads_the_checkout(tmp_path, elsewhere):
     bin_dir = _venv(source.parent / "venv-editable", "--no-build-isolation", "-e", source)
     (source / "configs" / "new_preset.yaml").write_text((source / "configs" / "demo.yaml").read_text())
     where = _check([bin_dir / "python", "-c", "from hpc_zsem.slurm import template_dir; "
-                    "from hpc_zsem.presets import preset_path; print(template_dir()); print(preset_path('new_preset'))"],
+                    "from hpc_zsem.presets import preset_path; "
+                    "print(template_dir()); print(preset_path('new_preset'))"],
                    cwd=elsewhere).split()
     assert where == [str(source / "jobs"), str(source / "configs" / "new_preset.yaml")]
     assert not (source / "hpc_zsem" / "_data").exists()

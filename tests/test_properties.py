@@ -263,7 +263,7 @@ def _offending(raw: dict) -> set[str]:
             bad.add(section)
             continue
         body = body or {}
-        for key, f in fields.items():
+        for key in fields:
             dotted = f"{section}.{key}"
             if key not in body:
                 if dotted in REQUIRED:

@@ -12,7 +12,7 @@ from conftest import REPO, cli_env, write_old_result
 from hpc_zsem.config import load_config
 from hpc_zsem.errors import OutputError
 from hpc_zsem.io import checkpoint as ckpt_io
-from hpc_zsem.io import results
+from hpc_zsem.io import volumes
 from hpc_zsem.parallel import SerialComm
 from hpc_zsem.pipeline import run
 
@@ -62,10 +62,10 @@ def test_full_disk_while_writing_the_result_keeps_the_old_result(em_crop, tmp_pa
     config = load_config(REPO / "configs" / "demo.yaml", [f"input.path={noisy}", f"output.path={out}",
                                                           "training.epochs=2", *SMALL])
 
-    def disk_full(f, name, image):
+    def disk_full(f, metadata):      # the last step of VolumeWriter.close
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(results, "_image_dataset", disk_full)
+    monkeypatch.setattr(volumes, "write_metadata", disk_full)
     with pytest.raises(OutputError, match="No space left on device"):
         run(config, SerialComm(), overwrite=True)
     assert out.read_bytes() == yesterday

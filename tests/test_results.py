@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from hpc_zsem.errors import InputError, OutputError
-from hpc_zsem.io import results
-from hpc_zsem.io.results import check_output_path, read_result, write_result
+from hpc_zsem.io import volumes
+from hpc_zsem.io.results import check_output_path, read_result
+from hpc_zsem.io.volumes import write_result
 
 
 def payload(shape=(300, 70), value=0.0):
@@ -62,10 +63,10 @@ def test_existing_result_untouched_when_writer_fails(tmp_path, monkeypatch):
     write_result(path, **payload())
     before = path.read_bytes()
 
-    def failing(f, name, image):
+    def failing(f, metadata):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(results, "_image_dataset", failing)
+    monkeypatch.setattr(volumes, "write_metadata", failing)
     with pytest.raises(RuntimeError, match="disk full"):
         write_result(path, overwrite=True, **payload(value=1.0))
     assert path.read_bytes() == before

@@ -7,7 +7,7 @@ from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
 from hpc_zsem.models.base import PatchSummary
-from hpc_zsem.models.sssc import SSSC
+from hpc_zsem.models.sssc import SSSC, kmeans_centroids
 from hpc_zsem.variational.evolution import EvolutionSettings
 from hpc_zsem.variational.kernel import posterior
 from hpc_zsem.variational.states import pack
@@ -173,3 +173,81 @@ def test_degenerate_m_step_is_repaired_deterministically(caplog):
     assert float(first["sigma2"]) > 0
     repairs = [r.message for r in caplog.records if "M-step repair" in r.message]
     assert len(repairs) == 2 and any("used by no patch" in m for m in repairs) and any("σ²" in m for m in repairs)
+
+
+# ----------------------------------------------------------------- initialisation of W (model.init)
+def _init(init, H, Y, seed=0):
+    model = SSSC(H, EvolutionSettings(S=4, parents=2), init=init)
+    return model.init_params(PatchSummary.from_patches(Y), Y, np.random.default_rng(seed))
+
+
+def test_pca_init_reproduces_the_leading_components_of_the_sample():
+    """W's columns are the sample's principal directions (second moments, largest first), scaled by √λ."""
+    rng = np.random.default_rng(20)
+    D, N = 12, 4000
+    Q = np.linalg.qr(rng.standard_normal((D, D)))[0]
+    scales = np.array([9.0, 6.0, 4.0, 3.0, 2.0, 1.5, 1.0, 0.8, 0.6, 0.4, 0.3, 0.2])
+    Y = (rng.standard_normal((N, D)) * scales) @ Q.T          # zero mean: second moments = covariance
+    values, vectors = np.linalg.eigh(Y.T @ Y / N)
+    values, vectors = values[::-1], vectors[:, ::-1]
+    H = 5
+    W = _init("pca", H, Y)["W"]
+    assert W.shape == (D, H)
+    cos = np.abs(np.sum(W * vectors[:, :H], axis=0)) / np.linalg.norm(W, axis=0)
+    assert np.all(cos > 0.995), cos               # (the init adds 0.01·√σ²₀ noise per entry)
+    np.testing.assert_allclose(np.linalg.norm(W, axis=0), np.sqrt(values[:H]), rtol=0.02)
+    # the sample's truth, too: the leading directions of the generating covariance
+    assert np.all(np.abs(np.sum(W / np.linalg.norm(W, axis=0) * Q[:, :H], axis=0)) > 0.99)
+
+
+def test_pca_init_fills_the_leading_half_and_leaves_the_rest_random():
+    """Only the leading ⌈D/2⌉ directions come from the PCA (the trailing ones of a noisy sample are noise); the
+    other columns are the random init's (mean patch + noise), drawn from the same random stream."""
+    rng = np.random.default_rng(21)
+    D, N, H = 6, 500, 10
+    Y = rng.standard_normal((N, D)) * 3 + 50.0
+    W = _init("pca", H, Y)["W"]
+    mean = Y.mean(0)
+    assert abs(np.dot(W[:, 0], mean)) / (np.linalg.norm(W[:, 0]) * np.linalg.norm(mean)) > 0.99  # DC first
+    values, vectors = np.linalg.eigh(Y.T @ Y / N)
+    cos = np.abs(np.sum(W[:, :3] * vectors[:, ::-1][:, :3], axis=0)) / np.linalg.norm(W[:, :3], axis=0)
+    assert np.all(cos > 0.99), cos
+    np.testing.assert_array_equal(W[:, 3:], _init("random", H, Y)["W"][:, 3:])
+
+
+def test_kmeans_init_finds_well_separated_cluster_centres():
+    rng = np.random.default_rng(22)
+    D, H = 8, 6
+    centres = rng.uniform(-100, 100, (H, D))
+    Y = centres[rng.integers(H, size=3000)] + rng.standard_normal((3000, D))
+    found = kmeans_centroids(Y, H, np.random.default_rng(0))
+    dist = np.linalg.norm(found[:, None, :] - centres[None, :, :], axis=2)
+    assert sorted(dist.argmin(axis=1)) == list(range(H))          # one centroid per cluster
+    assert dist.min(axis=1).max() < 0.3                            # at its centre (± noise/√(N/H))
+    W = _init("kmeans", H, Y)["W"]                                 # the model's W: these centroids + small noise
+    tie_noise = 0.01 * np.sqrt(Y.var(0).mean()) * np.sqrt(D)
+    dist = np.linalg.norm(W.T[:, None, :] - centres[None, :, :], axis=2)
+    assert sorted(dist.argmin(axis=1)) == list(range(H)) and dist.min(axis=1).max() < 0.3 + 3 * tie_noise
+
+
+@pytest.mark.parametrize("init", ["random", "pca", "kmeans"])
+def test_init_is_deterministic_and_the_rest_of_theta_is_shared(init):
+    rng = np.random.default_rng(23)
+    Y = rng.standard_normal((300, 9)) * 4 + 10
+    a, b = _init(init, 16, Y, seed=3), _init(init, 16, Y, seed=3)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert np.all(np.isfinite(a["W"])) and a["W"].shape == (9, 16)
+    np.testing.assert_array_equal(a["pi"], np.full(16, 2.0 / 16))
+    assert float(a["sigma2"]) == pytest.approx(Y.var(0).mean())
+
+
+def test_kmeans_init_with_fewer_distinct_patches_than_latents():
+    Y = np.repeat(np.array([[0.0, 1.0, 2.0], [5.0, 5.0, 5.0]]), 20, axis=0)
+    W = _init("kmeans", 8, Y)["W"]
+    assert np.all(np.isfinite(W)) and W.shape == (3, 8)
+
+
+def test_unknown_init_is_refused():
+    with pytest.raises(ValueError, match="init must be one of"):
+        SSSC(4, EvolutionSettings(S=4, parents=2), init="svd")

@@ -7,8 +7,9 @@ Layout::
     /states            the per-patch variational state of every patch in global patch order, e.g. SSSC's
                        packed truncated sets K, uint64 (n_patches, S, ceil(H/64)); absent for models with exact
                        posteriors (GPMM). gzip-1 + shuffle, chunked by patches.
-    root attrs         format="hpc_zsem-checkpoint", format_version, stage ("train" | "estimate"), epoch (last
-                       completed epoch of that stage), config (YAML), config_hash, input_path, input_checksum,
+    root attrs         format="hpc_zsem-checkpoint", format_version, stage ("train" | "estimate" = training
+                       has ended), epoch (the last training epoch), config (YAML), config_hash,
+                       input_path, input_checksum,
                        geometry (image_shape, patch_size, stride, n_patches, block_size), model, ranks,
                        created, version, elapsed_seconds, free_energy (last training epoch)
     trailer            after the HDF5 data, the line "\nhpc_zsem-checkpoint sha256:<64 hex>\n": the sha256 of
@@ -31,12 +32,14 @@ any moment leaves ``X`` complete (old or new) and, except between the last two r
 checksum. Leftover temporary files of killed writers are removed before the next write.
 
 Resume rules (:func:`incompatibilities`): the config must equal the checkpoint's except for ``output.*``,
-``checkpoint.*``, ``logging.*``, ``resources.*``, the epoch counts and the stopping rule of
+``checkpoint.*``, ``logging.*``, ``resources.*``, ``estimation.*`` (the estimation pass starts every patch
+afresh; its ``<output>.partial`` is reused only under the same config), the training length and the stopping rule of
 ``training.epochs: auto``, which may change as long as the checkpoint's position is still ahead: a checkpoint
 taken during training resumes under any ``training.epochs`` (or ``max_epochs``) >= its epoch (raise it to
-train longer); one taken during estimation needs the same ``training.epochs`` (with ``auto``, the same
-stopping rule: :data:`TRAINING_LENGTH`) and ``estimation.epochs`` >= its epoch. The input file's checksum
-must match. The number of ranks may change.
+train longer); one taken after training (stage ``estimate``: training has ended, the estimation pass is next
+or under way, its finished tiles in ``<output>.partial``) needs the same ``training.epochs`` (with ``auto``,
+the same stopping rule: :data:`TRAINING_LENGTH`). The input file's checksum must match. The number of ranks
+may change.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ import hashlib
 import logging
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +59,7 @@ import yaml
 
 from hpc_zsem.errors import ConfigError, InputError
 from hpc_zsem.io.paths import is_hdf5_file, refuse_foreign, root_attribute
-from hpc_zsem.io.results import _fsync, _plain, hdf5_image, write_atomically
+from hpc_zsem.io.results import fsync_path, hdf5_image, plain_value, write_atomically
 
 log = logging.getLogger("hpc_zsem")
 
@@ -64,7 +68,7 @@ FORMAT_VERSION = 1
 STAGES = ("train", "estimate")
 #: the keys that say how long training runs (``training.epochs``, and the stopping rule of ``epochs: auto``)
 TRAINING_LENGTH = ("training.epochs", "training.max_epochs", "training.stop_window", "training.stop_tolerance")
-MAY_DIFFER = ("output.", "checkpoint.", "logging.", "resources.", "estimation.epochs", *TRAINING_LENGTH)
+MAY_DIFFER = ("output.", "checkpoint.", "logging.", "resources.", "estimation.", *TRAINING_LENGTH)
 _GEOMETRY = ("image_shape", "patch_size", "stride", "n_patches", "block_size")
 _STATE_CHUNK_BYTES = 1 << 20
 _TRAILER_HEAD = b"\nhpc_zsem-checkpoint sha256:"
@@ -85,7 +89,7 @@ class Checkpoint:
     stage: str
     epoch: int
     params: dict[str, np.ndarray]
-    history: dict[str, np.ndarray]
+    history: Mapping[str, Sequence[float] | np.ndarray]   # per-epoch columns; read back as 1-D float64 arrays
     states: np.ndarray | None
     config_yaml: str
     config_hash: str
@@ -102,7 +106,7 @@ class Checkpoint:
 
     @property
     def position(self) -> str:
-        return f"{'training' if self.stage == 'train' else 'estimation'} epoch {self.epoch}"
+        return f"training epoch {self.epoch}" if self.stage == "train" else f"the end of training (epoch {self.epoch})"
 
 
 # ----------------------------------------------------------------------------------------------- paths
@@ -252,7 +256,7 @@ def _keep_previous(path: Path) -> None:
         os.link(path, tmp)
     except OSError:
         shutil.copyfile(path, tmp)
-        _fsync(tmp)
+        fsync_path(tmp)
     os.replace(tmp, prev)
 
 
@@ -285,8 +289,8 @@ def write_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> int:
         for key in _GEOMETRY:
             value = ckpt.geometry[key]
             attrs[key] = list(value) if isinstance(value, (list, tuple)) else int(value)
-        for key, value in attrs.items():
-            f.attrs[key] = value
+        for key, attr in attrs.items():
+            f.attrs[key] = attr
         f.flush()
         _test_sleep(ckpt.epoch)
 
@@ -297,7 +301,7 @@ def write_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> int:
     write_atomically(staging, image, _trailer_bytes(image))
     _keep_previous(path)
     os.replace(staging, path)
-    _fsync(path.parent)
+    fsync_path(path.parent)
     return path.stat().st_size
 
 
@@ -320,13 +324,13 @@ def read_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Checkpoi
         verify_file(path)          # before HDF5 parses anything
     try:
         with h5py.File(path, "r") as f:
-            if _plain(f.attrs.get("format")) != FORMAT:
+            if plain_value(f.attrs.get("format")) != FORMAT:
                 raise CheckpointError(f"{path}: not a hpc_zsem checkpoint")
             version = f.attrs.get("format_version")
             if version is None or int(version) > FORMAT_VERSION:
                 raise CheckpointError(f"{path}: checkpoint format_version {version} is not supported "
                                       f"(expected <= {FORMAT_VERSION})")
-            a = {k: _plain(v) for k, v in f.attrs.items()}
+            a = {k: plain_value(v) for k, v in f.attrs.items()}
             ckpt = Checkpoint(
                 stage=a["stage"], epoch=int(a["epoch"]),
                 params={k: np.asarray(v[()], dtype=np.float64) for k, v in f["params"].items()},
@@ -401,9 +405,6 @@ def incompatibilities(ckpt: Checkpoint, config, input_checksum: str) -> list[str
             if old.get(key, "<absent>") != new.get(key, "<absent>"):
                 problems.append(f"{key}: {old.get(key, '<absent>')!r} in the checkpoint, {new.get(key)!r} now (the "
                                 "checkpoint was taken after training, in the estimation stage)")
-        if ckpt.epoch > config.estimation.epochs:
-            problems.append(f"estimation.epochs: the checkpoint is at estimation epoch {ckpt.epoch}, beyond "
-                            f"estimation.epochs = {config.estimation.epochs}")
     return problems
 
 

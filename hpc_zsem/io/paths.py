@@ -5,8 +5,9 @@ results/checkpoints it has verified as hpc_zsem's own; the input is never touche
 previous-checkpoint, lock files and the per-section parts directory). :func:`check_run_paths` refuses,
 before any work, a config in which
 
-- the input is one of them, or two of them are the same file — after resolving symlinks and ``..``, and
-  through hard links (same device and inode) for files that exist;
+- the input is one of them (or, for a zarr input, which is a directory, one of them lies inside it), or two
+  of them are the same file — after resolving symlinks and ``..``, and through hard links (same device and
+  inode) for files that exist;
 - a name is longer than the file system allows once the longest suffix this tool adds is appended.
 
 :func:`is_hpc_zsem_file` recognises results and checkpoints by their own attributes, for ``--overwrite`` and
@@ -108,6 +109,9 @@ def check_run_paths(config) -> None:
         if _same(ident, source_id):
             raise ConfigError(f"{item.label}: {item.path} is the input file ({config.input.path}); hpc-zsem never "
                               "writes over its input, choose another path")
+        if source.is_dir() and ident[0].startswith(source_id[0].rstrip(os.sep) + os.sep):   # a zarr store
+            raise ConfigError(f"{item.label}: {item.path} lies inside the input store ({config.input.path}); "
+                              "hpc-zsem never writes into its input, choose another path")
     for i, (a, id_a) in enumerate(ids):
         for b, id_b in ids[i + 1:]:
             if _same(id_a, id_b):

@@ -12,7 +12,13 @@ Supported inputs
       as in :mod:`hpc_zsem.io.images`), including volumetric (tiledepth > 1) pages;
     * pyramidal OME-TIFF: the full-resolution level of the first series;
     * an HDF5 dataset: ``file.h5:/path/to/dataset`` (``file.h5`` alone when the file holds exactly one
-      dataset of two or more dimensions).
+      dataset of two or more dimensions);
+    * a zarr array (zarr v2 or v3): ``store.zarr`` — an OME-Zarr (NGFF 0.4/0.5) image: level 0 of its first
+      multiscale image (bioformats2raw layouts: series 0), pixel size from the axes' units and the level's
+      ``coordinateTransformations`` — or a store holding exactly one array of two or more dimensions; or
+      ``store.zarr:/path/to/array``. zarr reads only the chunks a region touches.
+
+The source class is chosen by the path's form (:data:`SOURCE_FORMS`: splitter → class; TIFF otherwise).
 
 Shapes: ``shape`` is (Y, X) for a single plane and (Z, Y, X) for a stack; ``read(z, ...)`` takes the section
 index (0 for a single plane). ``section=`` selects one plane of a stack (the source is then 2-D), and ``crop``
@@ -25,6 +31,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +39,8 @@ import numpy as np
 import tifffile
 
 from hpc_zsem.errors import InputError
-from hpc_zsem.io.images import (_READ_ERRORS, _check_dtype, _check_finite, _layout, _open_checked,
-                                resolve_input_path, split_h5_path)
+from hpc_zsem.io.images import (READ_ERRORS, check_dtype, check_finite, open_tiff, resolve_input_path,
+                                split_h5_path, split_zarr_path, tiff_layout)
 
 _CACHE_BYTES = 32 << 20   # decoded TIFF segments kept per source (LRU) for reads that touch the same tiles
 
@@ -112,12 +119,12 @@ class ImageSource:
             region = self._read_full_res(int(self._sections[z]), fy0, fy1, fx0, fx1)
         except InputError:
             raise
-        except _READ_ERRORS as exc:
+        except READ_ERRORS as exc:
             raise InputError(f"{self.name}: cannot read pixel data; the file may be truncated or corrupt "
                              f"({exc})") from None
         if k > 1:
             region = region[::k, ::k]
-        _check_finite(region, self.name)
+        check_finite(region, self.name)
         return np.asarray(region, dtype=np.float64)
 
     def read_section(self, z: int | None = None) -> np.ndarray:
@@ -156,24 +163,24 @@ class TiffSource(ImageSource):
 
     def __init__(self, path: Path, name: str, cache_bytes: int = _CACHE_BYTES):
         self.name = name
-        self._tif = _open_checked(path, name)
+        self._tif = open_tiff(path, name)
         try:
             try:
                 series = self._tif.series[0]
                 series = series.levels[0] if getattr(series, "levels", None) else series
-                layout = _layout(series, name)
+                layout = tiff_layout(series, name)
                 self._pages = list(series.pages)
             except InputError:
                 raise
-            except _READ_ERRORS as exc:
+            except READ_ERRORS as exc:
                 raise InputError(f"{name}: cannot read as TIFF ({exc})") from None
             self.dtype = np.dtype(layout.dtype)
             self.file_shape = (layout.sections, *layout.plane)
             self._series = series
-            self._memmap = None
-            self._whole = None
+            self._memmap: np.memmap | None = None
+            self._whole: np.ndarray | None = None
             first = self._pages[0] if self._pages else None
-            depth = first.keyframe.imagedepth if first is not None else 1
+            depth = _keyframe(first, name).imagedepth if first is not None else 1
             if layout.pages == layout.sections and all(p is not None for p in self._pages):
                 self._mode, self._depth = "pages", 1
             elif depth > 1 and layout.pages * depth == layout.sections:
@@ -186,7 +193,7 @@ class TiffSource(ImageSource):
             self._tif.close()
             raise
         self._lock = threading.RLock()
-        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, int], tuple[np.ndarray | None, tuple[int, ...]]] = OrderedDict()
         self._cache_bytes = int(cache_bytes)
         self._cached = 0
         super().__init__()
@@ -201,8 +208,11 @@ class TiffSource(ImageSource):
     def _read_full_res(self, section: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         if self._mode == "memmap":
             if self._memmap is None:
+                offset = self._series.dataoffset
+                if offset is None:
+                    raise InputError(f"{self.name}: the image series is not stored contiguously; cannot map it")
                 self._memmap = np.memmap(self._tif.filehandle.path, dtype=self._series.dtype, mode="r",
-                                         offset=self._series.dataoffset, shape=self.file_shape)
+                                         offset=offset, shape=self.file_shape)
             out = np.array(self._memmap[section, y0:y1, x0:x1])
             self.stats["bytes_read"] += out.nbytes
             self.stats["pixels_decoded"] += out.size
@@ -215,7 +225,9 @@ class TiffSource(ImageSource):
             return np.array(self._whole[section, y0:y1, x0:x1])
         page_index, d = divmod(section, self._depth)
         page = self._pages[page_index]
-        kf = page.keyframe
+        if page is None:
+            raise InputError(f"{self.name}: corrupt TIFF: page {page_index} of the image series is missing")
+        kf = _keyframe(page, self.name)
         if kf.is_tiled:
             th, tw = kf.tilelength, kf.tilewidth
             td = kf.tiledepth if kf.imagedepth > 1 else 1
@@ -243,7 +255,7 @@ class TiffSource(ImageSource):
                 out[ya - y0:yb - y0, xa - x0:xb - x0] = seg[ya - sy:yb - sy, xa - sx:xb - sx]
         return out
 
-    def _segment(self, page_index: int, page, index: int):
+    def _segment(self, page_index: int, page, index: int) -> tuple[np.ndarray | None, tuple[int, ...]]:
         """Decoded segment ``index`` of a page, with its position (sample, depth, y, x, sample); LRU-cached."""
         key = (page_index, index)
         with self._lock:
@@ -281,6 +293,14 @@ class TiffSource(ImageSource):
             return result
 
 
+def _keyframe(page: tifffile.TiffPage | tifffile.TiffFrame, name: str) -> tifffile.TiffPage:
+    """The keyframe (the page holding the layout tags) of a page of the series; InputError if it is missing."""
+    kf = page.keyframe
+    if kf is None:
+        raise InputError(f"{name}: corrupt TIFF: a page of the image series has no keyframe")
+    return kf
+
+
 class H5Source(ImageSource):
     """An HDF5 dataset of 2 or more dimensions (leading dimensions are sections); h5py reads only the chunks
     a slice touches."""
@@ -310,7 +330,7 @@ class H5Source(ImageSource):
                 raise InputError(f"{name}: no dataset '{dataset}' in the file")
             if obj.ndim < 2:
                 raise InputError(f"{name}: expected a 2-D image or a stack, got shape {obj.shape}")
-            _check_dtype(obj.dtype, name)
+            check_dtype(obj.dtype, name)
             self._ds = obj
             self.dtype = np.dtype(obj.dtype)
             self.file_shape = (int(np.prod(obj.shape[:-2], dtype=np.int64)), *obj.shape[-2:])
@@ -342,6 +362,139 @@ def _h5_element_size(ds) -> tuple[float, ...] | None:
         return None
 
 
+_UM_PER_UNIT = {"micrometer": 1.0, "micron": 1.0, "um": 1.0, "µm": 1.0, "nanometer": 1e-3, "nm": 1e-3,
+                "angstrom": 1e-4, "picometer": 1e-6, "millimeter": 1e3, "mm": 1e3, "centimeter": 1e4,
+                "meter": 1e6, "m": 1e6}
+
+
+def _ngff(attrs: Any) -> dict:
+    """The OME-NGFF metadata of a zarr group: under ``ome`` (0.5) or at the top level (0.4 and older)."""
+    attrs = dict(attrs)
+    ome = attrs.get("ome")
+    return dict(ome) if isinstance(ome, dict) else attrs
+
+
+def _ngff_pixel_size(multiscale: dict, dataset: dict) -> tuple[float, ...] | None:
+    """(Y, X) or (Z, Y, X) in µm of one multiscale dataset: its ``scale`` (times the multiscale's own, if
+    any) per spatial axis in the axis' unit; None when the axes carry no length unit."""
+    axes = multiscale.get("axes") or []
+    names = [a.get("name") if isinstance(a, dict) else a for a in axes]
+    scale = [1.0] * len(names)
+    for transforms in (dataset.get("coordinateTransformations") or [],
+                       multiscale.get("coordinateTransformations") or []):
+        for t in transforms:
+            if t.get("type") == "scale":
+                scale = [a * float(b) for a, b in zip(scale, t["scale"])]
+    out = {}
+    for axis, name, value in zip(axes, names, scale):
+        unit = axis.get("unit") if isinstance(axis, dict) else None
+        if name in ("z", "y", "x") and unit in _UM_PER_UNIT:
+            out[name] = value * _UM_PER_UNIT[unit]
+    if "y" not in out or "x" not in out:
+        return None
+    return tuple(out[a] for a in "zyx" if a in out)
+
+
+def _resolve_zarr(path: str | os.PathLike):
+    """(store directory, array path in the store, opened read-only array, pixel size in µm or None) of a
+    zarr input path (see the module docstring for the forms)."""
+    import zarr
+    from zarr.storage import LocalStore
+
+    text = os.fspath(path)
+    parts = split_zarr_path(text)
+    if parts is None:
+        raise InputError(f"{text}: not a zarr store path (expected store.zarr or store.zarr:/path/to/array)")
+    store_path, inner = parts
+    if not store_path.is_dir():
+        raise InputError(f"{text}: no such zarr store (a directory)")
+    store = LocalStore(store_path, read_only=True)
+    inner = inner or ""
+    try:
+        node = zarr.open(store=store, mode="r", path=inner)
+        size = None
+        if isinstance(node, zarr.Group):
+            meta = _ngff(node.attrs)
+            if "multiscales" not in meta and "bioformats2raw.layout" in meta and "0" in node:
+                inner = f"{inner}/0".strip("/")
+                node = node["0"]
+                meta = _ngff(node.attrs)
+            if meta.get("multiscales"):
+                multiscale = meta["multiscales"][0]
+                dataset = multiscale["datasets"][0]
+                inner = f"{inner}/{dataset['path']}".strip("/")
+                size = _ngff_pixel_size(multiscale, dataset)
+                node = zarr.open_array(store=store, mode="r", path=inner)
+            else:
+                found = [name for name, a in node.arrays() if a.ndim >= 2] if hasattr(node, "arrays") else []
+                if len(found) != 1:
+                    raise InputError(f"{text}: not an OME-Zarr image; name the array as {store_path}:/path/to/array "
+                                     f"(arrays of 2 or more dimensions here: {', '.join(found[:10]) or 'none'})")
+                inner = f"{inner}/{found[0]}".strip("/")
+                node = zarr.open_array(store=store, mode="r", path=inner)
+        elif "/" in inner:   # an array of an NGFF image named directly: its dataset's pixel size
+            parent, _, leaf = inner.rpartition("/")
+            meta = _ngff(zarr.open_group(store=store, mode="r", path=parent).attrs)
+            for multiscale in meta.get("multiscales") or []:
+                for dataset in multiscale.get("datasets", []):
+                    if dataset.get("path") == leaf:
+                        size = _ngff_pixel_size(multiscale, dataset)
+    except InputError:
+        raise
+    except Exception as exc:   # noqa: BLE001 - zarr raises many kinds on missing or malformed stores
+        raise InputError(f"{text}: cannot read as zarr ({type(exc).__name__}: {exc})") from None
+    return store_path, inner, node, size
+
+
+def zarr_array_path(path: str | os.PathLike) -> tuple[Path, str]:
+    """(store directory, path of the array in it) that a zarr input path reads."""
+    store_path, inner, _, _ = _resolve_zarr(path)
+    return store_path, inner
+
+
+class ZarrSource(ImageSource):
+    """A zarr array of 2 or more dimensions (leading dimensions are sections): an OME-Zarr image's level 0
+    or a named array; zarr reads only the chunks a slice touches."""
+
+    def __init__(self, path: Path, array: str | None, name: str):
+        self.name = name
+        _, self.array_path, arr, size = _resolve_zarr(name)
+        if arr.ndim < 2:
+            raise InputError(f"{name}: expected a 2-D image or a stack, got shape {arr.shape}")
+        try:
+            dtype = np.dtype(arr.dtype)
+        except TypeError:
+            raise InputError(f"{name}: pixel type {arr.dtype} is not supported") from None
+        check_dtype(dtype, name)
+        self._arr = arr
+        self.dtype = dtype
+        self.file_shape = (int(np.prod(arr.shape[:-2], dtype=np.int64)), int(arr.shape[-2]), int(arr.shape[-1]))
+        self.element_size_um = size if size is None or len(size) <= 3 else None
+        super().__init__()
+
+    def _read_full_res(self, section: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        lead = np.unravel_index(section, self._arr.shape[:-2]) if self._arr.ndim > 2 else ()
+        try:
+            out = np.asarray(self._arr[tuple(int(i) for i in lead) + (slice(y0, y1), slice(x0, x1))])
+        except READ_ERRORS:
+            raise
+        except Exception as exc:   # noqa: BLE001 - codec and store errors of zarr
+            raise InputError(f"{self.name}: cannot read pixel data ({type(exc).__name__}: {exc})") from None
+        self.stats["bytes_read"] += out.nbytes
+        self.stats["pixels_decoded"] += out.size
+        self.stats["segments_decoded"] += 1
+        return out
+
+
+#: path form → source class: each splitter returns (container path, inner path) or None; TIFF otherwise. A
+#: class is called as ``cls(container path, inner path, input path as given)``.
+SOURCE_FORMS: list[tuple[Callable[[str], tuple[Path, str | None] | None],
+                         Callable[[Path, str | None, str], ImageSource]]] = [
+    (split_h5_path, H5Source),
+    (split_zarr_path, ZarrSource),
+]
+
+
 def open_source(path: str | os.PathLike, section: int | None = None, *,
                 crop: tuple[int, int, int, int] | None = None, downsample: int = 1) -> ImageSource:
     """Open an image lazily (TIFF family or ``file.h5:/dataset``); see the module docstring.
@@ -350,10 +503,13 @@ def open_source(path: str | os.PathLike, section: int | None = None, *,
     pixels and ``downsample`` (keep every k-th pixel) define the view, as in ``read_image``. Close the
     source (or use it as a context manager) when done."""
     text = os.fspath(path)
-    h5 = split_h5_path(text)
-    if h5 is not None:
-        source: ImageSource = H5Source(h5[0], h5[1], text)
-    else:
+    source: ImageSource | None = None
+    for split, cls in SOURCE_FORMS:
+        parts = split(text)
+        if parts is not None:
+            source = cls(parts[0], parts[1], text)
+            break
+    if source is None:
         resolved = resolve_input_path(text)
         source = TiffSource(resolved, os.fspath(resolved))
     try:
@@ -370,8 +526,7 @@ def pixel_size_um(path: str | os.PathLike) -> tuple[float, ...] | None:
     """Physical pixel size (Y, X) or (Z, Y, X) in µm from OME, ImageJ or resolution tags / HDF5
     ``element_size_um``, if the file says so; None otherwise. Best effort, never raises."""
     try:
-        h5 = split_h5_path(os.fspath(path))
-        if h5 is not None:
+        if any(split(os.fspath(path)) is not None for split, _ in SOURCE_FORMS):
             with open_source(path) as src:
                 return getattr(src, "element_size_um", None)
         with tifffile.TiffFile(resolve_input_path(path)) as tif:

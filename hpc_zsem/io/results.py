@@ -1,4 +1,6 @@
-"""The result HDF5 file (format_version 1), written atomically.
+"""The result HDF5 file (format_version 1): layout, checks and readers. Results are written by
+:class:`hpc_zsem.io.volumes.VolumeWriter` (atomically; :func:`hpc_zsem.io.volumes.write_result` for an image in
+memory); checkpoints use :func:`hdf5_image` and :func:`write_atomically` from here.
 
 Layout::
 
@@ -26,7 +28,6 @@ FORMAT_VERSION = 1
 IMAGES = ("mean", "variance", "input")
 REQUIRED_IMAGES = ("mean", "variance")
 _RESERVED = ("format", "format_version")
-_CHUNK = 256
 
 
 def check_output_path(path: str | os.PathLike, overwrite: bool) -> None:
@@ -45,7 +46,7 @@ def check_output_path(path: str | os.PathLike, overwrite: bool) -> None:
     refuse_foreign(path, is_hpc_zsem_file(path, FORMAT), "output.path", "an hpc_zsem result")
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """Flush a file's (or directory's) data to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -87,13 +88,7 @@ def write_atomically(path: str | os.PathLike, *parts: bytes | memoryview) -> Non
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync(path.parent)
-
-
-def atomic_h5_write(path: str | os.PathLike, writer: Callable[[h5py.File], None]) -> None:
-    """Create ``path`` as an HDF5 file filled by ``writer``, atomically (:func:`hdf5_image`, then
-    :func:`write_atomically`)."""
-    write_atomically(path, hdf5_image(writer))
+    fsync_path(path.parent)
 
 
 def as_float32(values: np.ndarray) -> np.ndarray:
@@ -103,17 +98,7 @@ def as_float32(values: np.ndarray) -> np.ndarray:
     return np.clip(np.asarray(values, dtype=np.float64), -limit, limit).astype(np.float32)
 
 
-def _image_dataset(f: h5py.File, name: str, image: np.ndarray) -> None:
-    """A chunked, compressed float32 (Y, X) or (Z, Y, X) dataset (chunks of one section × 256 × 256)."""
-    image = as_float32(image)
-    if image.ndim not in (2, 3):
-        raise ValueError(f"{name}: expected a (Y, X) image or a (Z, Y, X) volume, got shape {image.shape}")
-    chunks = (1,) * (image.ndim - 2) + tuple(max(1, min(_CHUNK, n)) for n in image.shape[-2:])
-    ds = f.create_dataset(name, data=image, chunks=chunks, compression="gzip", compression_opts=4, shuffle=True)
-    ds.attrs["axes"] = "YX" if image.ndim == 2 else "ZYX"
-
-
-def _history_arrays(history: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def history_arrays(history: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """History columns as 1-D float64 arrays, checked to have equal lengths."""
     arrays = {k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in history.items()}
     lengths = {len(a) for a in arrays.values()}
@@ -135,7 +120,7 @@ def _attr_value(key: str, value: Any) -> Any:
     raise TypeError(f"metadata {key!r}: expected str, int, float or list, got {type(value).__name__}")
 
 
-def _write_metadata(f: h5py.File, metadata: Mapping[str, Any]) -> None:
+def write_metadata(f: h5py.File, metadata: Mapping[str, Any]) -> None:
     """Root attributes: the format markers and every metadata key (None values are omitted)."""
     clash = [k for k in metadata if k in _RESERVED]
     if clash:
@@ -147,39 +132,12 @@ def _write_metadata(f: h5py.File, metadata: Mapping[str, Any]) -> None:
             f.attrs[key] = _attr_value(key, value)
 
 
-def write_result(path: str | os.PathLike, *, mean: np.ndarray, variance: np.ndarray, noisy: np.ndarray,
-                 params: Mapping[str, np.ndarray], history: Mapping[str, Any], metadata: Mapping[str, Any],
-                 overwrite: bool = False) -> None:
-    """Write a result file atomically (see the module docstring for the layout).
-
-    Raises OutputError if the path is refused by :func:`check_output_path`.
-    """
-    check_output_path(path, overwrite)
-    columns = _history_arrays(history)
-
-    def writer(f: h5py.File) -> None:
-        for name, image in zip(IMAGES, (mean, variance, noisy)):
-            _image_dataset(f, name, image)
-        for name, value in params.items():
-            f.create_dataset(f"params/{name}", data=np.asarray(value, dtype=np.float64))
-        for name, column in columns.items():
-            f.create_dataset(f"history/{name}", data=column)
-        f.require_group("params")
-        f.require_group("history")
-        _write_metadata(f, metadata)
-
-    try:
-        atomic_h5_write(path, writer)
-    except OSError as exc:   # e.g. a full disk or a lost mount: the earlier result (if any) is untouched
-        raise OutputError(f"{path}: cannot write the result ({exc}); nothing was replaced") from None
-
-
-def _plain(value: Any) -> Any:
+def plain_value(value: Any) -> Any:
     """An HDF5 attribute value as builtins (str, int, float, bool, list)."""
     if isinstance(value, bytes):
         return value.decode()
     if isinstance(value, np.ndarray):
-        return [_plain(v) for v in value.tolist()]
+        return [plain_value(v) for v in value.tolist()]
     if isinstance(value, np.generic):
         return value.item()
     return value
@@ -197,7 +155,7 @@ def open_result(path: str | os.PathLike) -> h5py.File:
         raise InputError(f"{path}: not an HDF5 file") from None
     try:
         version = f.attrs.get("format_version")
-        if _plain(f.attrs.get("format")) != FORMAT or not all(n in f for n in REQUIRED_IMAGES):
+        if plain_value(f.attrs.get("format")) != FORMAT or not all(n in f for n in REQUIRED_IMAGES):
             raise InputError(f"{path}: not an hpc_zsem result file")
         if version is None or int(version) > FORMAT_VERSION:
             raise InputError(f"{path}: result format_version {version} is not supported "
@@ -225,7 +183,7 @@ def _read(path: str | os.PathLike, images: bool) -> dict[str, Any]:
                 out.update({name: f[name][()] if name in f else None for name in IMAGES})
             out["params"] = _group_arrays(f, "params")
             out["history"] = _group_arrays(f, "history")
-            out["metadata"] = {k: _plain(v) for k, v in f.attrs.items()}
+            out["metadata"] = {k: plain_value(v) for k, v in f.attrs.items()}
         except (OSError, RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"{path}: corrupt result file ({type(exc).__name__}: {exc})") from None
     return out

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ import numpy as np
 
 from hpc_zsem.errors import OutputError
 from hpc_zsem.io.paths import is_hdf5_file, refuse_foreign, root_attribute
-from hpc_zsem.io.results import _fsync, _history_arrays, _write_metadata, as_float32, check_output_path
+from hpc_zsem.io.results import as_float32, check_output_path, fsync_path, history_arrays, write_metadata
 
 CHUNK = 256
 _CHUNK_CACHE = 64 << 20   # bytes of HDF5 chunk cache per dataset
@@ -72,7 +73,7 @@ class VolumeWriter:
             self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
         else:
             self.tmp = self.path.with_name(f"{self.path.name}.partial")
-            self._file = self._reopen()
+            self._file = self._reopen(resume_key)
             if self._file is not None:
                 return
         self._ensure_space(0)
@@ -91,13 +92,13 @@ class VolumeWriter:
                         raise ValueError(f"element_size_um {size} does not match the axes {self.axes}")
                     ds.attrs["element_size_um"] = np.asarray(size, dtype=np.float32)
             if resume_key is not None:
-                self._mark_open()
+                self._mark_open(self._file, resume_key)
         except BaseException:
             self.abort()
             raise
 
     # ---------------------------------------------------------------- resumable passes
-    def _reopen(self) -> h5py.File | None:
+    def _reopen(self, key: str) -> h5py.File | None:
         """The partial file of an earlier, cleanly suspended pass with the same key and shape, or None (any
         other partial file of this tool is removed; a foreign file of that name is refused)."""
         if not self.tmp.exists():
@@ -111,7 +112,7 @@ class VolumeWriter:
             self.tmp.unlink()
             return None
         try:
-            usable = (f.attrs.get("clean") == 1 and f.attrs.get("resume_key") == np.bytes_(self._resume_key.encode())
+            usable = (f.attrs.get("clean") == 1 and f.attrs.get("resume_key") == np.bytes_(key.encode())
                       and all(name in f and f[name].shape == self.shape for name in self.names)
                       and "written_tiles" in f)
             if usable:
@@ -119,7 +120,7 @@ class VolumeWriter:
                 self._pixels = sum((y1 - y0) * (x1 - x0) for _, y0, y1, x0, x1 in self._written)
                 del f["written_tiles"]
                 self._file = f
-                self._mark_open()
+                self._mark_open(f, key)
                 return f
         except (OSError, KeyError, ValueError, TypeError):
             pass
@@ -128,11 +129,11 @@ class VolumeWriter:
         self._written, self._pixels = set(), 0
         return None
 
-    def _mark_open(self) -> None:
-        """Mark the partial file as being written (``clean = 0``) before any tile goes in."""
-        self._file.attrs["resume_key"] = np.bytes_(self._resume_key.encode())
-        self._file.attrs["clean"] = 0
-        self._file.flush()
+    def _mark_open(self, f: h5py.File, key: str) -> None:
+        """Mark the partial file ``f`` (resume key ``key``) as being written (``clean = 0``) before any tile goes in."""
+        f.attrs["resume_key"] = np.bytes_(key.encode())
+        f.attrs["clean"] = 0
+        f.flush()
 
     def _ensure_space(self, pending_bytes: int) -> None:
         """Refuse (OutputError) to go on when the file system may not hold what HDF5 writes next.
@@ -168,7 +169,7 @@ class VolumeWriter:
             self._file.flush()
             self._file.close()
             self._file = None
-            _fsync(self.tmp)
+            fsync_path(self.tmp)
         except BaseException:
             self.abort()
             raise
@@ -210,7 +211,7 @@ class VolumeWriter:
         self._params = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
 
     def set_history(self, history: Mapping[str, Any]) -> None:
-        self._history = _history_arrays(history)
+        self._history = history_arrays(history)
 
     def set_metadata(self, metadata: Mapping[str, Any]) -> None:
         self._attrs.update(metadata)
@@ -243,16 +244,16 @@ class VolumeWriter:
                 f.create_dataset(f"history/{name}", data=column)
             f.require_group("params")
             f.require_group("history")
-            _write_metadata(f, {"axes": self.axes, **self._attrs})
+            write_metadata(f, {"axes": self.axes, **self._attrs})
             f.flush()
             f.close()
             self._file = None
-            _fsync(self.tmp)
+            fsync_path(self.tmp)
             os.replace(self.tmp, self.path)
         except BaseException:
             self.abort()
             raise
-        _fsync(self.path.parent)
+        fsync_path(self.path.parent)
 
     def abort(self) -> None:
         """Discard the temporary file (idempotent)."""
@@ -272,3 +273,38 @@ class VolumeWriter:
             self.abort()
         elif self._file is not None:
             self.close()
+
+
+@dataclass(frozen=True)
+class _Whole:
+    """The whole (Y, X) plane, or section z of a volume: a region for :meth:`VolumeWriter.write`."""
+
+    z: int | None
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+
+
+def write_result(path: str | os.PathLike, *, mean: np.ndarray, variance: np.ndarray, noisy: np.ndarray,
+                 params: Mapping[str, np.ndarray], history: Mapping[str, Any], metadata: Mapping[str, Any],
+                 overwrite: bool = False, element_size_um: tuple[float, ...] | None = None) -> None:
+    """Write a result held in memory — (Y, X) or (Z, Y, X) mean, variance and input — with the one result
+    writer, :class:`VolumeWriter` (same layout, same atomic replacement, same full-disk guard)."""
+    shape = np.shape(mean)
+    if len(shape) not in (2, 3) or np.shape(variance) != shape or np.shape(noisy) != shape:
+        raise ValueError(f"mean, variance and input must share one (Y, X) or (Z, Y, X) shape, got {np.shape(mean)}, "
+                         f"{np.shape(variance)} and {np.shape(noisy)}")
+    columns = history_arrays(history)
+    try:
+        with VolumeWriter(path, shape, extra=("input",), overwrite=overwrite,
+                          element_size_um=element_size_um) as writer:
+            for z in (None,) if len(shape) == 2 else range(shape[0]):
+                part = slice(None) if z is None else z
+                writer.write(_Whole(z, 0, shape[-2], 0, shape[-1]), np.asarray(mean)[part],
+                             np.asarray(variance)[part], input=np.asarray(noisy)[part])
+            writer.set_params(params)
+            writer.set_history(columns)
+            writer.set_metadata(metadata)
+    except OSError as exc:   # e.g. a full disk or a lost mount: the earlier result (if any) is untouched
+        raise OutputError(f"{path}: cannot write the result ({exc}); nothing was replaced") from None

@@ -17,8 +17,8 @@ E-steps with Θ frozen (the estimation epochs) use ``state_b = model.refine(Y_b,
 instead of ``e_step``: the same states, without the statistics no M-step will use. A streamed pass, on patches
 seen for the first time, asks for both at once: ``model.init_block_state(Y_b, params, rng_b, [rng_e1, …])``.
 
-Every ``rng_b`` is a ``hpc_zsem.randomness.PatchRandom`` keyed by (seed, stage, epoch, global patch index) —
-first axis of every draw = the block's patches — so results do not depend on the number
+Every ``rng_b`` (a ``PatchRng``) is a ``hpc_zsem.randomness.PatchRandom`` keyed by (seed, stage, epoch,
+global patch index) — first axis of every draw = the block's patches — so results do not depend on the number
 of ranks. ``stats`` always holds ``"free_energy"`` (Σ_n of the per-patch free energy, shape ()) and ``"N"``.
 """
 from __future__ import annotations
@@ -56,6 +56,16 @@ class PatchSummary:
 Stats = dict[str, np.ndarray]
 
 
+class PatchRng(Protocol):
+    """The random draws of the E-steps, for arrays whose first axis runs over the block's patches: the
+    pipeline passes a ``hpc_zsem.randomness.PatchRandom`` keyed by global patch index; a
+    ``numpy.random.Generator`` has the same two methods (tests use one)."""
+
+    def random(self, size: Any) -> np.ndarray: ...
+
+    def integers(self, low: int, high: int, size: Any) -> np.ndarray: ...
+
+
 class PatchModel(Protocol):
     """What the pipeline needs from a model. Parameters are a dict of float64 arrays (stored in outputs
     and checkpoints as they are); the per-block variational state is model-specific (``None`` for models
@@ -63,17 +73,17 @@ class PatchModel(Protocol):
 
     name: str
 
-    def init_params(self, summary: PatchSummary, sample: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]: ...
+    def init_params(self, summary: PatchSummary, sample: np.ndarray,
+                    rng: np.random.Generator) -> dict[str, np.ndarray]: ...
 
-    def init_block_state(self, Y: np.ndarray, params: dict[str, np.ndarray], rng: np.random.Generator,
-                         refine_rngs: Sequence[np.random.Generator] = ()) -> Any:
+    def init_block_state(self, Y: np.ndarray, params: dict[str, np.ndarray], rng: PatchRng,
+                         refine_rngs: Sequence[PatchRng] = ()) -> Any:
         """A fresh variational state, followed by one frozen-Θ E-step per ``refine_rngs`` (as ``refine``)."""
         ...
 
-    def e_step(self, Y: np.ndarray, params: dict[str, np.ndarray], state: Any, rng: np.random.Generator) -> tuple[Any, Stats]: ...
+    def e_step(self, Y: np.ndarray, params: dict[str, np.ndarray], state: Any, rng: PatchRng) -> tuple[Any, Stats]: ...
 
-    def refine(self, Y: np.ndarray, params: dict[str, np.ndarray], state: Any,
-               rngs: Sequence[np.random.Generator]) -> Any:
+    def refine(self, Y: np.ndarray, params: dict[str, np.ndarray], state: Any, rngs: list[PatchRng]) -> Any:
         """One E-step per rng with Θ frozen, no statistics: the state ``e_step`` would leave after as many
         calls with these rngs."""
         ...

@@ -21,7 +21,7 @@ import numpy as np
 from scipy.special import digamma, gammaln, logsumexp, polygamma
 
 from hpc_zsem.errors import InputError
-from hpc_zsem.models.base import PatchSummary, Stats
+from hpc_zsem.models.base import PatchRng, PatchSummary, Stats
 
 _W_FLOOR = 1e-12        # smallest entry of W, so that log W stays finite
 _DEAD_CLASS = 1e-10     # a class with R_c ≤ _DEAD_CLASS·N counts as unused in the M-step
@@ -158,13 +158,13 @@ class GPMM:
             "beta": np.full(self.C, beta),
         }
 
-    def init_block_state(self, Y: np.ndarray, params: dict[str, np.ndarray], rng: np.random.Generator,
-                         refine_rngs: Sequence[np.random.Generator] = ()) -> None:
+    def init_block_state(self, Y: np.ndarray, params: dict[str, np.ndarray], rng: PatchRng,
+                         refine_rngs: Sequence[PatchRng] = ()) -> None:
         """Exact posteriors need no per-block state."""
         return None
 
     def e_step(self, Y: np.ndarray, params: dict[str, np.ndarray], state: None,
-               rng: np.random.Generator) -> tuple[None, Stats]:
+               rng: PatchRng) -> tuple[None, Stats]:
         """Sufficient statistics R_c = Σ_n r_nc, RY_cd = Σ_n r_nc y_nd, RZ_c = Σ_n r_nc E[z|c,y_n],
         RLZ_c = Σ_n r_nc E[log z|c,y_n] with E[z] = (α_c+ŷ)/(β_c+S_c), E[log z] = ψ(α_c+ŷ) − log(β_c+S_c);
         free_energy = Σ_n log p(y_n) (the exact log-likelihood)."""
@@ -182,7 +182,7 @@ class GPMM:
         return None, stats
 
     def refine(self, Y: np.ndarray, params: dict[str, np.ndarray], state: None,
-               rngs: Sequence[np.random.Generator]) -> None:
+               rngs: Sequence[PatchRng]) -> None:
         """Exact posteriors: nothing to improve."""
         return None
 

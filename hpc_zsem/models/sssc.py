@@ -31,6 +31,9 @@ VARIANCE_FLOOR = 1e-8      # relative floor of σ² and of the slab variances Ψ
 SIGMA2_ABSOLUTE_FLOOR = 1e-20  # σ² never below this, whatever the data (an all-zero image has E[y²] = 0)
 UNUSED_MASS = 1e-10        # a latent with Σ_n⟨s_h⟩ below this (× N) is "never used" in the M-step
 
+INITS = ("random", "pca", "kmeans")   # model.init: how W is initialised (see SSSC.init_params)
+KMEANS_ITERATIONS = 25     # Lloyd iterations of the k-means initialisation (on the ≤ 4096-patch sample)
+
 log = logging.getLogger("hpc_zsem")
 
 
@@ -39,10 +42,13 @@ class SSSC:
 
     name = "sssc"
 
-    def __init__(self, H: int, evolution: EvolutionSettings, psi: str = "diag"):
+    def __init__(self, H: int, evolution: EvolutionSettings, psi: str = "diag", init: str = "random"):
         if psi not in ("diag", "full"):
             raise ValueError(f"psi must be 'diag' or 'full', got {psi!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self.H = H
+        self.init = init
         self.evolution = evolution
         self.full_psi = psi == "full"
         self._reported: set[str] = set()
@@ -56,24 +62,49 @@ class SSSC:
 
     # ----------------------------------------------------------------- initialisation
     def init_params(self, summary: PatchSummary, sample: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """W = mean patch + 0.25·√σ²₀·N(0, 1) per entry, σ²₀ = mean per-pixel variance of the patches,
-        π = 2/H, μ = 0, Ψ = I (as in the reference denoising examples)."""
+        """Θ₀: π = 2/H, μ = 0, Ψ = I, σ²₀ = mean per-pixel variance of the patches, and W by ``self.init``:
+
+        - ``random``: W = mean patch + 0.25·√σ²₀·N(0, 1) per entry (as in the reference denoising examples);
+        - ``pca``: the first min(H, ⌈D/2⌉) columns are the leading principal directions u_h of the sample's
+          second moments E[y yᵀ] (the model has no offset, so the first one is about the mean patch), scaled
+          by √λ_h so that z_h ~ N(0, 1) spans the sample's spread along u_h; the other columns as ``random``;
+        - ``kmeans``: H centroids of the sample (k-means++ seeding, Lloyd iterations), each a typical patch.
+        The data-driven columns get 0.01·√σ²₀·N(0, 1) per entry (ties between equal columns break at once).
+        The sample is identical on every rank and so is ``rng``: Θ₀ is too."""
         H = self.H
         sigma2 = max(float(summary.variance.mean()), VARIANCE_FLOOR)
-        W = summary.mean[:, None] + 0.25 * np.sqrt(sigma2) * rng.standard_normal((summary.mean.size, H))
+        D = summary.mean.size
+        sample = np.asarray(sample, dtype=np.float64).reshape(-1, D)
+        W = summary.mean[:, None] + 0.25 * np.sqrt(sigma2) * rng.standard_normal((D, H))
+        if self.init != "random" and sample.shape[0] > 0:
+            data = pca_columns(sample, H) if self.init == "pca" else kmeans_centroids(sample, H, rng).T
+            W[:, :data.shape[1]] = data + 0.01 * np.sqrt(sigma2) * rng.standard_normal(data.shape)
         return {"W": W, "pi": np.full(H, min(2.0 / H, 0.5)), "mu": np.zeros(H),
                 "psi": np.eye(H) if self.full_psi else np.ones(H), "sigma2": np.array(sigma2)}
 
     def init_block_state(self, Y: np.ndarray, params: dict[str, np.ndarray], rng,
                          refine_rngs: Sequence = ()) -> np.ndarray:
-        """K_n = the S best distinct states (under the initial Θ) among the S lowest-weight states and S
-        states drawn from the prior, then improved by ``len(refine_rngs)`` frozen-Θ E-steps (as ``refine``,
-        reusing the log-joints the selection already has); returns (N, S, ⌈H/64⌉) packed states."""
+        """K_n = the S best distinct states (under Θ) among the max(S, H+1) lowest-weight states (the empty state,
+        all H single-unit states, then pairs…: at least S distinct states), every pair of the m single units with
+        the highest log-joints for y_n (m the smallest with m(m−1)/2 ≥ S) and S states drawn from the prior; then
+        improved by ``len(refine_rngs)`` frozen-Θ E-steps (as ``refine``, reusing the log-joints the selection
+        already has). Returns (N, S, ⌈H/64⌉) packed states. Under a trained Θ this starts a patch seen for the
+        first time (estimation) near its posterior mass: the best single-unit states and the pairs of the best
+        units are all candidates."""
         S, H, N = self.evolution.S, self.H, Y.shape[0]
-        fixed = np.broadcast_to(lowest_weight_states(H, S), (N, S, H))
-        drawn = rng.random((N, S, H)) < np.clip(params["pi"], PI_FLOOR, 1.0 - PI_FLOOR)
-        candidates = pack(np.concatenate([fixed, drawn], axis=1))
         scorer = self._scorer(Y, params)
+        fixed = pack(lowest_weight_states(H, max(S, H + 1)))              # ∅, {0}, …, {H−1}, {0, 1}, …
+        fixed = np.broadcast_to(fixed, (N,) + fixed.shape)
+        single_lpj = posterior(*scorer, np.ascontiguousarray(fixed[:, 1:H + 1]), 0)[0]
+        m = min(H, int(np.ceil((1.0 + np.sqrt(1.0 + 8.0 * S)) / 2.0)))
+        top = np.argsort(-single_lpj, axis=1, kind="stable")[:, :m]          # (N, m) best single units per patch
+        first, second = np.triu_indices(m, k=1)
+        pairs = np.zeros((N, first.size, H), dtype=bool)
+        rows = np.arange(N)[:, None]
+        pairs[rows, np.arange(first.size), top[:, first]] = True
+        pairs[rows, np.arange(first.size), top[:, second]] = True
+        drawn = rng.random((N, S, H)) < np.clip(params["pi"], PI_FLOOR, 1.0 - PI_FLOOR)
+        candidates = np.concatenate([fixed, pack(pairs), pack(drawn)], axis=1)
         K, lpj, _ = evolve(candidates, None, H, self.evolution, _expected_active(params), scorer, None, generations=0)
         return self._evolve_frozen(K, lpj, params, scorer, refine_rngs)
 
@@ -162,6 +193,57 @@ class SSSC:
 
     def noise_variance(self, params: dict[str, np.ndarray]) -> float:
         return float(params["sigma2"])
+
+
+def pca_columns(sample: np.ndarray, H: int) -> np.ndarray:
+    """(D, min(H, ⌈D/2⌉)): the leading eigenvectors u_h of the sample's (uncentred) second moments
+    C = YᵀY/N, largest eigenvalue first, each scaled by √λ_h and signed so that its largest-magnitude entry is
+    positive. Only the leading half: the trailing directions of a noisy sample are mostly noise (measured:
+    H = D = 64 PCA columns denoise worse than 32 PCA + 32 random ones)."""
+    Y = np.asarray(sample, dtype=np.float64)
+    N, D = Y.shape
+    values, vectors = np.linalg.eigh(Y.T @ Y / N)
+    order = np.argsort(values)[::-1][:min(H, (D + 1) // 2)]
+    U = vectors[:, order]
+    U = U * np.where(U[np.abs(U).argmax(axis=0), np.arange(U.shape[1])] < 0, -1.0, 1.0)
+    return U * np.sqrt(np.maximum(values[order], 0.0))
+
+
+def kmeans_centroids(sample: np.ndarray, H: int, rng: np.random.Generator,
+                     iterations: int = KMEANS_ITERATIONS) -> np.ndarray:
+    """(H, D): k-means centroids of the sample rows: k-means++ seeding, then ``iterations`` Lloyd steps; a
+    cluster that empties takes the sample point farthest from its centroid. Fewer distinct rows than H: the
+    missing centroids are repeats of sample rows (the init's small noise separates them)."""
+    Y = np.asarray(sample, dtype=np.float64)
+    N = Y.shape[0]
+    norms = np.einsum("nd,nd->n", Y, Y)
+
+    def sq_dist(C):
+        return np.maximum(norms[:, None] - 2.0 * Y @ C.T + np.einsum("kd,kd->k", C, C)[None, :], 0.0)
+
+    centres = np.empty((H, Y.shape[1]))
+    centres[0] = Y[rng.integers(N)]
+    closest = sq_dist(centres[:1])[:, 0]
+    for k in range(1, H):                       # k-means++: draw ∝ squared distance to the nearest centre
+        total = closest.sum()
+        i = rng.choice(N, p=closest / total) if total > 0 else rng.integers(N)
+        centres[k] = Y[i]
+        closest = np.minimum(closest, sq_dist(centres[k:k + 1])[:, 0])
+    for _ in range(iterations):
+        d = sq_dist(centres)
+        label = d.argmin(axis=1)
+        counts = np.bincount(label, minlength=H)
+        sums = np.zeros_like(centres)
+        np.add.at(sums, label, Y)
+        new = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centres)
+        empty = np.flatnonzero(counts == 0)
+        if empty.size:
+            far = np.argsort(d[np.arange(N), label])[::-1][:empty.size]
+            new[empty[:far.size]] = Y[far]
+        if np.array_equal(new, centres):
+            break
+        centres = new
+    return centres
 
 
 def _expected_active(params: dict[str, np.ndarray]) -> float:
