@@ -52,14 +52,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
-import h5py
 import numpy as np
 import tifffile
 from PIL import Image
 
 from hpc_zsem import enhance
 from hpc_zsem.errors import ConfigError, InputError, OutputError
-from hpc_zsem.io.results import open_result
+from hpc_zsem.io.stores import open_result_images
 
 KINDS = ("input", "mean", "variance")
 TITLES = {"input": "noisy input", "mean": "mean (denoised)", "variance": "variance"}
@@ -137,7 +136,13 @@ def _parse_sections(spec: str, depth: int | None, path: Path) -> list[int | None
     return list(indices)
 
 
-def _check_result(f: h5py.File, path: Path) -> tuple[int, ...]:
+#: an open result whose ``[name]`` is an image: an h5py.File, or io.zarr_store.ZarrResultImages for OME-Zarr
+ResultImages = Any
+#: one image of it: ``shape``, ``ndim``, ``chunks``, ``name``, ``attrs`` and slicing (h5py.Dataset or zarr level 0)
+ImageArray = Any
+
+
+def _check_result(f: ResultImages, path: Path) -> tuple[int, ...]:
     """Check the image shapes of an open result file; return the image shape (Y, X) or (Z, Y, X)."""
     shape = f["mean"].shape
     for name in ("variance", "input"):
@@ -154,7 +159,7 @@ def _um(value: float) -> float:
     return float(np.format_float_positional(np.float32(value), trim="-"))
 
 
-def _element_size(dataset: h5py.Dataset) -> tuple[float, ...] | None:
+def _element_size(dataset: ImageArray) -> tuple[float, ...] | None:
     """The ``element_size_um`` attribute of ``dataset`` (µm per axis, Z first) if it holds one finite positive
     number per axis; None if it is absent or malformed (the export is then uncalibrated)."""
     try:
@@ -168,7 +173,7 @@ def _element_size(dataset: h5py.Dataset) -> tuple[float, ...] | None:
     return tuple(_um(v) for v in values)
 
 
-def _block_shape(dataset: h5py.Dataset) -> tuple[int, int]:
+def _block_shape(dataset: ImageArray) -> tuple[int, int]:
     """(rows, columns) of one read block: a chunk's (Y, X) for a chunked dataset, so every read decompresses
     whole chunks once; whole rows of about :data:`BAND_PIXELS` pixels for an unchunked one."""
     if dataset.chunks is not None:
@@ -181,7 +186,7 @@ class Result:
     """An open result file: its shape, selected sections and pixel size, and its images read as float32
     blocks (a band of rows of one section) on demand."""
 
-    def __init__(self, f: h5py.File, path: Path, spec: str):
+    def __init__(self, f: ResultImages, path: Path, spec: str):
         self.path = path
         self.shape = _check_result(f, path)
         self.volume = len(self.shape) == 3
@@ -608,10 +613,7 @@ def main(args: argparse.Namespace) -> int:
     """
     _check_numbers(args)
     path = Path(args.result)
-    if path.suffix.lower() == ".zarr" and path.is_dir():
-        raise InputError(f"{path}: export reads HDF5 results; an OME-Zarr result opens as it is in napari "
-                         "(napari-ome-zarr: open <result>.zarr/mean) and neuroglancer (zarr3://…/<result>.zarr/mean)")
-    with open_result(path) as f:
+    with open_result_images(path) as f:
         result = Result(f, path, args.sections)
         mask = _mask_reader(args, result)
         products = _products(args, tuple(result.datasets))

@@ -1,4 +1,5 @@
-"""Shared fixtures: small real EM crops with synthetic noise, and a helper to run the CLI."""
+"""Shared fixtures: small real EM crops with synthetic noise, a helper to read one image plane, and a helper to
+run the CLI."""
 import os
 import subprocess
 import sys
@@ -29,6 +30,18 @@ def em_crop(tmp_path_factory):
     path = tmp_path_factory.mktemp("em") / "noisy.tif"
     tifffile.imwrite(path, noisy.astype(np.float32))
     return clean, path
+
+
+def read_plane(path, section=None, crop=None, downsample=1) -> np.ndarray:
+    """One plane of an input image as float64, through the package's reader
+    (``open_source(path, section, crop=crop, downsample=downsample).read_section()``). A stack is a volume
+    there; a plane of it needs ``section`` (ValueError without one)."""
+    from hpc_zsem.io.regions import open_source
+
+    with open_source(path, section, crop=crop, downsample=downsample) as source:
+        if source.ndim != 2:
+            raise ValueError(f"{path}: a stack of {source.n_sections} sections; pass section=")
+        return source.read_section()
 
 
 def write_old_result(path) -> bytes:

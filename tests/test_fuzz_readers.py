@@ -3,8 +3,9 @@ one-line InputError naming the file — never another exception, never a hang.
 
 Small valid files (a 2-D uint8 TIFF, a zlib-compressed uint8 TIFF, a 64×64-tiled uint16 TIFF and a result HDF5
 written by ``write_result``) are mutated ~150 times each with a seeded RNG: random byte flips, truncation at a
-random offset, runs of zero bytes. Case ``i`` of file ``f`` is fully determined by ``np.random.default_rng([FILE
-index, i])`` (see :func:`mutate`), so a failure is reproduced with::
+random offset, runs of zero bytes. Each TIFF is read with ``open_source`` (the package's one image reader), the
+result file with ``read_result`` and with ``open_source`` (``file.h5:/mean``). Case ``i`` of file ``f`` is fully
+determined by ``np.random.default_rng([FILE index, i])`` (see :func:`mutate`), so a failure is reproduced with::
 
     python tests/test_fuzz_readers.py --case <file> <i>
 
@@ -37,15 +38,16 @@ SHAPES = {"plain_u8.tif": (37, 53), "zlib_u8.tif": (61, 45), "tiled_u16.tif": (1
 # bulk runs include these cases too.
 CRASH_CLASSES: dict[str, tuple[str, list[tuple[str, int]]]] = {
     "tiff-series-zero-division": (
-        "ZeroDivisionError from tifffile's TiffFile.series (detect_series) on a corrupt tag escapes read_image "
-        "(images._series_layout) and open_source (TiffSource.__init__): ZeroDivisionError is not in "
-        "images.READ_ERRORS",
+        "ZeroDivisionError from tifffile's TiffFile.series (detect_series) on a corrupt tag escapes open_source "
+        "(TiffSource.__init__) and the former read_image: ZeroDivisionError was not in READ_ERRORS (now "
+        "regions.READ_ERRORS)",
         [("plain_u8.tif", 45), ("zlib_u8.tif", 75), ("zlib_u8.tif", 108), ("zlib_u8.tif", 138),
          ("tiled_u16.tif", 15), ("tiled_u16.tif", 29)]),
     "read-plane-reshape": (
-        "ValueError 'cannot reshape array of size 0 into shape (Y,X)' from the reshape in images._read_plane, "
-        "after its try block (tifffile returns an empty array for a corrupt BitsPerSample); open_source gives a "
-        "clean InputError for the same files",
+        "ValueError 'cannot reshape array of size 0 into shape (Y,X)' from the reshape in the former "
+        "images._read_plane (read_image, since removed), after its try block (tifffile returns an empty array "
+        "for a corrupt BitsPerSample); the cases stay as regression cases of open_source, which gives a clean "
+        "InputError for the same files",
         [("plain_u8.tif", 48), ("plain_u8.tif", 63), ("zlib_u8.tif", 134)]),
     "strip-rowsperstrip-zero": (
         "ZeroDivisionError in regions.TiffSource._read_full_res: rps = min(rowsperstrip, imagelength) is 0 for a "
@@ -117,22 +119,26 @@ def mutate(data: bytes, file_index: int, case: int) -> tuple[bytes, str]:
 
 # ------------------------------------------------------------------------------------------------ readers under test
 
-def _read_tiff_image(path: Path) -> str:
-    """read_image must return a 2-D float64 array of the shape the file's headers declare (the original shape
-    unless the mutation rewrote the dimension tags)."""
-    from hpc_zsem.io.images import image_shape, read_image
-    image = read_image(path)
-    assert image.ndim == 2 and image.dtype == np.float64, (image.shape, image.dtype)
-    assert image.shape == tuple(image_shape(path)), (image.shape, image_shape(path))
-    return f"ok {image.shape}"
+def _tiff_header_shape(path: Path) -> tuple[int, ...]:
+    """(Y, X) that the TIFF headers declare for the first series' full-resolution level, as tifffile's public
+    API reports it (the original shape unless the mutation rewrote the dimension tags)."""
+    import tifffile
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        series = series.levels[0] if series.levels else series
+        return tuple(series.shape[-2:])
 
 
-def _read_lazy(spec: str) -> str:
+def _read_lazy(spec: str, tiff: bool = False) -> str:
+    """open_source must give a 2-D float64 section of its declared shape — for a TIFF the shape its headers
+    declare — and an inner region equal to the same pixels of the whole section."""
     from hpc_zsem.io.regions import open_source
     with open_source(spec) as src:
         Y, X = src.plane_shape
-        whole = src.read(0, 0, Y, 0, X)
+        whole = src.read_section()
         assert whole.shape == (Y, X) and whole.dtype == np.float64, (whole.shape, whole.dtype)
+        if tiff:
+            assert (Y, X) == _tiff_header_shape(Path(spec)), ((Y, X), _tiff_header_shape(Path(spec)))
         if Y > 2 and X > 2:   # an inner region too (touches fewer segments)
             part = src.read(0, 1, Y - 1, 1, X - 1)
             assert part.shape == (Y - 2, X - 2)
@@ -153,7 +159,7 @@ def _read_result(path: Path) -> str:
 def readers_for(name: str, path: Path):
     if name.endswith(".h5"):
         return {"read_result": lambda: _read_result(path), "open_source": lambda: _read_lazy(f"{path}:/mean")}
-    return {"read_image": lambda: _read_tiff_image(path), "open_source": lambda: _read_lazy(str(path))}
+    return {"open_source": lambda: _read_lazy(str(path), tiff=True)}
 
 
 def _where(exc: BaseException) -> str:
@@ -272,15 +278,16 @@ def _bulk(name, tmp_path_factory):
 
 def test_originals_read_back(tmp_path_factory):
     """The unmutated files read correctly through every reader (the oracle of the fuzz cases)."""
-    from hpc_zsem.io.images import read_image
+    import tifffile
+
     from hpc_zsem.io.regions import open_source
     from hpc_zsem.io.results import read_result
 
     paths = _originals(tmp_path_factory)
     for name in FILES[:3]:
-        assert read_image(paths[name]).shape == SHAPES[name]
+        assert _read_lazy(str(paths[name]), tiff=True) == f"ok {SHAPES[name]}"
         with open_source(paths[name]) as src:
-            assert src.read_section().shape == SHAPES[name]
+            np.testing.assert_array_equal(src.read_section(), tifffile.imread(paths[name]))
     assert read_result(paths["result.h5"])["mean"].shape == SHAPES["result.h5"]
     with open_source(f"{paths['result.h5']}:/mean") as src:
         assert src.shape == SHAPES["result.h5"]

@@ -3,8 +3,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import REPO, psnr, run_cli
-from hpc_zsem.io.images import read_image
+from conftest import REPO, psnr, read_plane, run_cli
 
 SMALL = ["--set", "model.H=24", "--set", "truncation.S=20", "--set", "truncation.parents=8",
          "--set", "truncation.children=2", "--set", "patches.size=[6,6]", "--set", "estimation.epochs=3"]
@@ -25,7 +24,7 @@ def test_denoises_em_crop_by_more_than_3db(em_crop, tmp_path):
         assert f.attrs["ranks"] == 1 and f.attrs["input_checksum"].decode().startswith("sha256:")
         assert "model:" in f.attrs["config"].decode()
         sigma_learned = np.sqrt(f["params/sigma2"][()])
-    noisy = read_image(noisy_path)
+    noisy = read_plane(noisy_path)
     gain = psnr(mean, clean) - psnr(noisy, clean)
     assert gain >= 3.0, f"PSNR gain {gain:.2f} dB"
     assert np.all(np.diff(history["free_energy"]) > -1e-6 * np.abs(history["free_energy"][1:]))

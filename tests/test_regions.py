@@ -7,7 +7,7 @@ import pytest
 import tifffile
 
 from hpc_zsem.errors import InputError
-from hpc_zsem.io.regions import open_source, pixel_size_um, split_h5_path
+from hpc_zsem.io.regions import ome_pixel_size_um, open_source, pixel_size_um, split_h5_path
 
 
 def _image(shape, seed=0, dtype=np.uint16):
@@ -200,3 +200,16 @@ def test_contiguous_and_whole_fallbacks_read_the_same(tmp_path):
         with open_source(path) as src:
             src._mode = mode
             np.testing.assert_array_equal(src.read(3, 5, 20, 7, 70), stack[3, 5:20, 7:70])
+
+
+def test_ome_tiff_pixel_size_is_parsed_as_xml_with_units(tmp_path):
+    path = tmp_path / "calibrated.ome.tif"
+    tifffile.imwrite(path, np.zeros((2, 16, 16), np.float32), ome=True,
+                     metadata={"axes": "ZYX", "PhysicalSizeX": 5.0, "PhysicalSizeXUnit": "nm", "PhysicalSizeY": 4.0,
+                               "PhysicalSizeYUnit": "nm", "PhysicalSizeZ": 0.05, "PhysicalSizeZUnit": "µm"})
+    assert pixel_size_um(path) == pytest.approx((0.05, 0.004, 0.005))
+    # attribute order, quoting and namespaces do not matter; unknown units give no calibration
+    assert ome_pixel_size_um("<OME><Image><Pixels PhysicalSizeY='2' PhysicalSizeX='3'/></Image></OME>") == (2.0, 3.0)
+    assert ome_pixel_size_um("<OME><Image><Pixels PhysicalSizeX='1' PhysicalSizeXUnit='parsec' "
+                             "PhysicalSizeY='1'/></Image></OME>") is None
+    assert ome_pixel_size_um("<not xml") is None

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import tifffile
 
+from conftest import read_plane
 from hpc_zsem.config import load_config
-from hpc_zsem.io.images import read_image
 from hpc_zsem.io.results import read_result
 from hpc_zsem.slurm import TEMPLATES, assignment, render
 
@@ -199,7 +199,7 @@ def test_long_requeue_survives_preemption(tmp_path):
 @pytest.mark.slow
 @needs_slurm
 def test_array_runs_one_task_per_image(tmp_path):
-    demo = read_image("builtin:demo")
+    demo = read_plane("builtin:demo")
     # an image name that must reach `hpc-zsem run` literally (`--set` takes text keys literally, " #" included)
     names = ["left", "right " + HOSTILE]
     tifffile.imwrite(tmp_path / f"{names[0]}.tif", demo[:48, :48])

@@ -1,22 +1,15 @@
-"""Reading input images (TIFF, via tifffile) into 2-D float64 arrays, with user-facing checks.
+"""Input paths and their identity: which file (or zarr store) an input path names, and its checksum.
 
-A file's first image series is used. Its planes are *sections*: a 2-D image has none to choose from; a
-stack (Z×Y×X, multi-page, or any leading axes, flattened in file order) needs ``section``. Every problem
-is an :class:`InputError` whose one-line message names the file.
+An input path is ``builtin:demo`` / ``builtin:demo_poisson`` (the packaged demo images), ``file.h5:/dataset``,
+``store.zarr`` or ``store.zarr:/path/to/array``, or a TIFF path. The pixels are read by
+:func:`hpc_zsem.io.regions.open_source` (TIFF, HDF5 and zarr); this module only splits and resolves the paths
+and hashes what they name (:func:`file_checksum`).
 """
 from __future__ import annotations
 
 import hashlib
 import os
-import struct
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import tifffile
-
-from hpc_zsem.errors import InputError
 
 DEMO_NOISY = "builtin:demo"
 BUILTIN_IMAGES = {"builtin:demo": "demo_noisy.tif", "builtin:demo_poisson": "demo_poisson.tif"}
@@ -24,9 +17,6 @@ _DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 H5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5", ".nxs")
 ZARR_SUFFIX = ".zarr"
 _CHUNK = 1 << 20
-# What tifffile and the codecs raise on unreadable, corrupt or truncated files.
-READ_ERRORS = (tifffile.TiffFileError, OSError, ValueError, struct.error, zlib.error, EOFError,
-                KeyError, IndexError, RuntimeError, TypeError, ZeroDivisionError, OverflowError, MemoryError)
 
 
 def resolve_input_path(path: str | os.PathLike) -> Path:
@@ -74,129 +64,6 @@ def input_file(path: str | os.PathLike) -> Path:
     return container[0] if container is not None else resolve_input_path(path)
 
 
-@dataclass(frozen=True)
-class TiffLayout:
-    """Shape facts of a file's first series: planes of (Y, X) pixels of ``dtype``."""
-
-    sections: int          # number of planes (1 for a 2-D image)
-    plane: tuple[int, int]  # (Y, X)
-    dtype: np.dtype
-    pages: int             # pages of the series (== sections when each plane is one page)
-
-
-def tiff_layout(series: "tifffile.TiffPageSeries", name: str) -> TiffLayout:
-    """Check a series is a grayscale image or stack of a supported dtype and describe it."""
-    shape, axes = tuple(series.shape), series.axes
-    if "S" in axes:
-        samples = shape[axes.index("S")]
-        kind = {3: "RGB", 4: "RGBA"}.get(samples, f"{samples} samples per pixel")
-        raise InputError(f"{name}: colour image ({kind}); convert to grayscale first, "
-                         "e.g. in Fiji: Image > Type > 8-bit")
-    check_dtype(series.dtype, name)
-    if len(shape) < 2:
-        raise InputError(f"{name}: expected a 2-D image, got shape {shape}")
-    return TiffLayout(sections=int(np.prod(shape[:-2], dtype=np.int64)), plane=(shape[-2], shape[-1]),
-                   dtype=series.dtype, pages=len(series.pages))
-
-
-def check_dtype(dtype: np.dtype, name: str) -> None:
-    """Refuse pixel types other than (u)int8..64 and float16..64."""
-    dtype = np.dtype(dtype)
-    if dtype.kind not in "uif":
-        raise InputError(f"{name}: pixel type {dtype} is not supported; "
-                         "expected (unsigned) integers or floating point")
-
-
-def _check_section(layout: TiffLayout, section: int | None, name: str) -> None:
-    """A stack needs a section in range; a single image accepts only section 0 or none."""
-    n = layout.sections
-    if section is None:
-        if n > 1:
-            raise InputError(f"{name}: is a stack of {n} sections; set input.section (0..{n - 1})")
-        return
-    if not 0 <= section < n:
-        what = f"a stack of {n} sections (0..{n - 1})" if n > 1 else "a single 2-D image (section 0)"
-        raise InputError(f"{name}: section {section} out of range; the file is {what}")
-
-
-def open_tiff(path: Path, name: str) -> tifffile.TiffFile:
-    """Open a TIFF, turning a missing or unparsable file into an InputError."""
-    if not path.is_file():
-        raise InputError(f"{name}: no such file")
-    try:
-        return tifffile.TiffFile(path)
-    except READ_ERRORS as exc:
-        raise InputError(f"{name}: cannot read as TIFF ({exc})") from None
-
-
-def image_shape(path: str | os.PathLike, section: int | None = None) -> tuple[int, int]:
-    """(Y, X) of the selected plane, from the TIFF headers only (no pixel data is read)."""
-    path = resolve_input_path(path)
-    name = os.fspath(path)
-    with open_tiff(path, name) as tif:
-        layout = _series_layout(tif, name)
-        _check_section(layout, section, name)
-        return layout.plane
-
-
-def _series_layout(tif: tifffile.TiffFile, name: str) -> TiffLayout:
-    try:
-        series = tif.series[0]
-    except READ_ERRORS as exc:
-        raise InputError(f"{name}: cannot read as TIFF ({exc})") from None
-    return tiff_layout(series, name)
-
-
-def _read_plane(tif: tifffile.TiffFile, layout: TiffLayout, section: int | None, name: str) -> np.ndarray:
-    """Pixel data of one plane; reads only that page when each plane is a page."""
-    index = section or 0
-    try:
-        if layout.sections == 1:
-            data = tif.asarray(series=0)
-        elif layout.pages == layout.sections:
-            data = tif.asarray(series=0, key=index)
-        else:  # several planes in one page (e.g. a volumetric tile): read all, pick one
-            data = tif.asarray(series=0).reshape(-1, *layout.plane)[index]
-        return np.asarray(data).reshape(layout.plane)
-    except READ_ERRORS as exc:
-        raise InputError(f"{name}: cannot read pixel data; the file may be truncated or corrupt ({exc})") from None
-
-
-def _crop(image: np.ndarray, crop: tuple[int, int, int, int] | None, name: str) -> np.ndarray:
-    """Apply [y0, y1, x0, x1], refusing a box that does not lie inside the image."""
-    if crop is None:
-        return image
-    y0, y1, x0, x1 = crop
-    Y, X = image.shape
-    if not (0 <= y0 < y1 <= Y and 0 <= x0 < x1 <= X):
-        raise InputError(f"{name}: crop {list(crop)} lies outside the image of shape (Y, X) = ({Y}, {X})")
-    return image[y0:y1, x0:x1]
-
-
-def check_finite(image: np.ndarray, name: str) -> None:
-    """Refuse NaN or Inf pixels, with their count."""
-    if image.dtype.kind != "f":
-        return
-    bad = int(np.count_nonzero(~np.isfinite(image)))
-    if bad:
-        raise InputError(f"{name}: {bad} pixels are NaN or Inf; expected finite values")
-
-
-def read_image(path: str | os.PathLike, *, section: int | None = None,
-               crop: tuple[int, int, int, int] | None = None, downsample: int = 1) -> np.ndarray:
-    """Read one plane of a TIFF, crop it ([y0, y1, x0, x1]), keep every ``downsample``-th pixel per axis,
-    and return it as a 2-D float64 array. Raises :class:`InputError` naming the file on any problem."""
-    path = resolve_input_path(path)
-    name = os.fspath(path)
-    with open_tiff(path, name) as tif:
-        layout = _series_layout(tif, name)
-        _check_section(layout, section, name)
-        plane = _read_plane(tif, layout, section, name)
-    image = _crop(plane, crop, name)[::downsample, ::downsample]
-    check_finite(image, name)
-    return image.astype(np.float64)
-
-
 def file_checksum(path: str | os.PathLike) -> str:
     """``"sha256:<hex>"`` of the bytes of the file behind an input path (:func:`input_file`), read in 1 MiB
     chunks. For a zarr input (a directory) it is :func:`zarr_checksum` of the array that is read."""
@@ -228,8 +95,3 @@ def zarr_checksum(path: str | os.PathLike) -> str:
             for chunk in iter(lambda: fh.read(_CHUNK), b""):
                 digest.update(chunk)
     return "sha256:" + digest.hexdigest()
-
-
-def write_tiff(path: str | os.PathLike, array: np.ndarray) -> None:
-    """Write a grayscale image or stack as a zlib-compressed TIFF."""
-    tifffile.imwrite(path, np.asarray(array), compression="zlib")

@@ -8,8 +8,8 @@ in a form that cannot be read in parts (see :class:`TiffSource`), and the counte
 
 Supported inputs
     * 2-D TIFF and BigTIFF, tiled or striped, any tifffile codec;
-    * multi-page stacks and 3-D TIFFs (Z, Y, X; any leading axes are flattened into sections in file order,
-      as in :mod:`hpc_zsem.io.images`), including volumetric (tiledepth > 1) pages;
+    * multi-page stacks and 3-D TIFFs (Z, Y, X; any leading axes are flattened into sections in file order),
+      including volumetric (tiledepth > 1) pages;
     * pyramidal OME-TIFF: the full-resolution level of the first series;
     * an HDF5 dataset: ``file.h5:/path/to/dataset`` (``file.h5`` alone when the file holds exactly one
       dataset of two or more dimensions);
@@ -21,17 +21,25 @@ Supported inputs
 The source class is chosen by the path's form (:data:`SOURCE_FORMS`: splitter → class; TIFF otherwise).
 
 Shapes: ``shape`` is (Y, X) for a single plane and (Z, Y, X) for a stack; ``read(z, ...)`` takes the section
-index (0 for a single plane). ``section=`` selects one plane of a stack (the source is then 2-D), and ``crop``
-/ ``downsample`` give the same view of the file as :func:`hpc_zsem.io.images.read_image`, lazily.
+index (0 for a single plane). ``section=`` selects one plane of a stack (the source is then 2-D); ``crop``
+([y0, y1, x0, x1] in file pixels) and ``downsample`` (every k-th pixel per axis) define the view, which equals
+slicing the plane as ``plane[y0:y1, x0:x1][::k, ::k]``. :meth:`ImageSource.read_section` reads a whole
+section of the view (small images, tests).
+
+This is the package's only reader of input images; :mod:`hpc_zsem.io.images` resolves input paths
+(``builtin:``, the path forms above) and computes input checksums.
 
 Every problem is an :class:`~hpc_zsem.errors.InputError` whose one-line message names the file.
 """
 from __future__ import annotations
 
 import os
+import struct
 import threading
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +47,29 @@ import numpy as np
 import tifffile
 
 from hpc_zsem.errors import InputError
-from hpc_zsem.io.images import (READ_ERRORS, check_dtype, check_finite, open_tiff, resolve_input_path,
-                                split_h5_path, split_zarr_path, tiff_layout)
+from hpc_zsem.io.images import resolve_input_path, split_h5_path, split_zarr_path
 
 _CACHE_BYTES = 32 << 20   # decoded TIFF segments kept per source (LRU) for reads that touch the same tiles
+# What tifffile and the codecs raise on unreadable, corrupt or truncated files.
+READ_ERRORS = (tifffile.TiffFileError, OSError, ValueError, struct.error, zlib.error, EOFError,
+               KeyError, IndexError, RuntimeError, TypeError, ZeroDivisionError, OverflowError, MemoryError)
+
+
+def check_dtype(dtype: np.dtype, name: str) -> None:
+    """Refuse pixel types other than (u)int8..64 and float16..64."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "uif":
+        raise InputError(f"{name}: pixel type {dtype} is not supported; "
+                         "expected (unsigned) integers or floating point")
+
+
+def check_finite(image: np.ndarray, name: str) -> None:
+    """Refuse NaN or Inf pixels, with their count."""
+    if image.dtype.kind != "f":
+        return
+    bad = int(np.count_nonzero(~np.isfinite(image)))
+    if bad:
+        raise InputError(f"{name}: {bad} pixels are NaN or Inf; expected finite values")
 
 
 class ImageSource:
@@ -151,6 +178,41 @@ class ImageSource:
     def _read_full_res(self, section: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Raw pixels [y0:y1, x0:x1] of file section ``section`` (file coordinates)."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TiffLayout:
+    """Shape facts of a file's first series: planes of (Y, X) pixels of ``dtype``."""
+
+    sections: int          # number of planes (1 for a 2-D image)
+    plane: tuple[int, int]  # (Y, X)
+    dtype: np.dtype
+    pages: int             # pages of the series (== sections when each plane is one page)
+
+
+def tiff_layout(series: "tifffile.TiffPageSeries", name: str) -> TiffLayout:
+    """Check a series is a grayscale image or stack of a supported dtype and describe it."""
+    shape, axes = tuple(series.shape), series.axes
+    if "S" in axes:
+        samples = shape[axes.index("S")]
+        kind = {3: "RGB", 4: "RGBA"}.get(samples, f"{samples} samples per pixel")
+        raise InputError(f"{name}: colour image ({kind}); convert to grayscale first, "
+                         "e.g. in Fiji: Image > Type > 8-bit")
+    check_dtype(series.dtype, name)
+    if len(shape) < 2:
+        raise InputError(f"{name}: expected a 2-D image, got shape {shape}")
+    return TiffLayout(sections=int(np.prod(shape[:-2], dtype=np.int64)), plane=(shape[-2], shape[-1]),
+                      dtype=series.dtype, pages=len(series.pages))
+
+
+def open_tiff(path: Path, name: str) -> tifffile.TiffFile:
+    """Open a TIFF, turning a missing or unparsable file into an InputError."""
+    if not path.is_file():
+        raise InputError(f"{name}: no such file")
+    try:
+        return tifffile.TiffFile(path)
+    except READ_ERRORS as exc:
+        raise InputError(f"{name}: cannot read as TIFF ({exc})") from None
 
 
 class TiffSource(ImageSource):
@@ -500,8 +562,8 @@ def open_source(path: str | os.PathLike, section: int | None = None, *,
     """Open an image lazily (TIFF family or ``file.h5:/dataset``); see the module docstring.
 
     ``section`` selects one plane of a stack (the result is then 2-D); ``crop`` = [y0, y1, x0, x1] in file
-    pixels and ``downsample`` (keep every k-th pixel) define the view, as in ``read_image``. Close the
-    source (or use it as a context manager) when done."""
+    pixels and ``downsample`` (keep every k-th pixel) define the view (``plane[y0:y1, x0:x1][::k, ::k]``).
+    Close the source (or use it as a context manager) when done."""
     text = os.fspath(path)
     source: ImageSource | None = None
     for split, cls in SOURCE_FORMS:
@@ -522,6 +584,36 @@ def open_source(path: str | os.PathLike, section: int | None = None, *,
     return source
 
 
+#: OME length units → µm (the OME default unit is µm)
+_OME_UNITS_UM = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def ome_pixel_size_um(ome_xml: str) -> tuple[float, ...] | None:
+    """(Z, Y, X) or (Y, X) pixel size in µm from the ``PhysicalSize{Z,Y,X}`` (and ``…Unit``) attributes of the
+    first ``Pixels`` element of an OME-XML document (parsed as XML, any namespace version); None if it has no
+    Y and X size or an unknown unit."""
+    from xml.etree import ElementTree
+
+    try:
+        root = ElementTree.fromstring(ome_xml)
+    except ElementTree.ParseError:
+        return None
+    pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return None
+    sizes = {}
+    for axis in "ZYX":
+        value, unit = pixels.get(f"PhysicalSize{axis}"), pixels.get(f"PhysicalSize{axis}Unit", "µm")
+        if value is not None and unit in _OME_UNITS_UM:
+            try:
+                sizes[axis] = float(value) * _OME_UNITS_UM[unit]
+            except ValueError:
+                return None
+    if "Y" not in sizes or "X" not in sizes:
+        return None
+    return tuple(sizes[a] for a in "ZYX" if a in sizes)
+
+
 def pixel_size_um(path: str | os.PathLike) -> tuple[float, ...] | None:
     """Physical pixel size (Y, X) or (Z, Y, X) in µm from OME, ImageJ or resolution tags / HDF5
     ``element_size_um``, if the file says so; None otherwise. Best effort, never raises."""
@@ -531,17 +623,9 @@ def pixel_size_um(path: str | os.PathLike) -> tuple[float, ...] | None:
                 return getattr(src, "element_size_um", None)
         with tifffile.TiffFile(resolve_input_path(path)) as tif:
             if tif.is_ome and tif.ome_metadata:
-                import re
-                meta = tif.ome_metadata
-                vals = {}
-                for axis in "ZYX":
-                    m = re.search(rf'PhysicalSize{axis}="([0-9.eE+-]+)"', meta)
-                    unit = re.search(rf'PhysicalSize{axis}Unit="([^"]+)"', meta)
-                    if m:
-                        scale = {"nm": 1e-3, "mm": 1e3, "m": 1e6}.get(unit.group(1) if unit else "µm", 1.0)
-                        vals[axis] = float(m.group(1)) * scale
-                if "Y" in vals and "X" in vals:
-                    return tuple(vals[a] for a in "ZYX" if a in vals)
+                size = ome_pixel_size_um(tif.ome_metadata)
+                if size is not None:
+                    return size
             if tif.is_imagej:
                 meta = tif.imagej_metadata or {}
                 per_unit = {"micron": 1.0, "um": 1.0, "µm": 1.0, "\\u00B5m": 1.0, "nm": 1e-3, "nanometer": 1e-3,

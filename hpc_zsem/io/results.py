@@ -30,15 +30,38 @@ REQUIRED_IMAGES = ("mean", "variance")
 _RESERVED = ("format", "format_version")
 
 
-def check_output_path(path: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse (OutputError) an output whose directory is missing or not writable, that exists without
-    ``overwrite``, or that exists and is not an hpc_zsem result (never replaced, even with ``overwrite``)."""
-    path = Path(path)
+def check_output_directory(path: Path) -> None:
+    """Refuse (OutputError) an output whose directory is missing or not writable (any store)."""
     parent = path.parent
     if not parent.is_dir():
         raise OutputError(f"{path}: directory '{parent}' does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{path}: directory '{parent}' is not writable")
+
+
+class ResultContent:
+    """What a result store writes beside its images, collected by these setters and written on close: Θ
+    (``_params``, float64), the per-epoch ``_history`` columns and the metadata attributes (``_attrs``)."""
+
+    _params: dict[str, np.ndarray]
+    _history: dict[str, np.ndarray]
+    _attrs: dict[str, Any]
+
+    def set_params(self, params: Mapping[str, np.ndarray]) -> None:
+        self._params = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+
+    def set_history(self, history: Mapping[str, Any]) -> None:
+        self._history = history_arrays(history)
+
+    def set_metadata(self, metadata: Mapping[str, Any]) -> None:
+        self._attrs.update(metadata)
+
+
+def check_output_path(path: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse (OutputError) an output whose directory is missing or not writable, that exists without
+    ``overwrite``, or that exists and is not an hpc_zsem result (never replaced, even with ``overwrite``)."""
+    path = Path(path)
+    check_output_directory(path)
     if path.is_dir():
         raise OutputError(f"{path}: is a directory; expected a file name")
     if path.exists() and not overwrite:

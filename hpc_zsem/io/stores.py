@@ -22,7 +22,7 @@ import numpy as np
 
 from hpc_zsem.io import results
 from hpc_zsem.io.volumes import VolumeWriter
-from hpc_zsem.io.zarr_store import ZarrResultStore, check_zarr_output_path, read_zarr_summary
+from hpc_zsem.io.zarr_store import ZarrResultImages, ZarrResultStore, check_zarr_output_path, read_zarr_summary
 
 
 class RankZeroStore:
@@ -110,3 +110,14 @@ def read_result_summary(path: str | os.PathLike) -> dict[str, Any]:
     """Shape, params, history and metadata of the result at ``path``, whichever store wrote it (see
     ``hpc_zsem.io.results.read_result_summary``)."""
     return SUMMARY_READERS.get(Path(path).suffix.lower(), results.read_result_summary)(path)
+
+
+#: suffix → how a result's images are opened for reading (export); HDF5: the h5py file itself
+IMAGE_READERS: dict[str, Any] = {".zarr": ZarrResultImages}
+
+
+def open_result_images(path: str | os.PathLike) -> Any:
+    """The result at ``path`` opened read-only as a context manager whose ``[name]`` is image ``name`` (mean,
+    variance, input) with ``shape``, ``chunks``, slicing and ``attrs`` — an h5py file for HDF5, a
+    :class:`~hpc_zsem.io.zarr_store.ZarrResultImages` for OME-Zarr."""
+    return IMAGE_READERS.get(Path(path).suffix.lower(), results.open_result)(path)

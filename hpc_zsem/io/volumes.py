@@ -36,7 +36,8 @@ import numpy as np
 
 from hpc_zsem.errors import OutputError
 from hpc_zsem.io.paths import is_hdf5_file, refuse_foreign, root_attribute
-from hpc_zsem.io.results import as_float32, check_output_path, fsync_path, history_arrays, write_metadata
+from hpc_zsem.io.results import (ResultContent, as_float32, check_output_path, fsync_path, history_arrays,
+                                 write_metadata)
 
 CHUNK = 256
 _CHUNK_CACHE = 64 << 20   # bytes of HDF5 chunk cache per dataset
@@ -48,7 +49,7 @@ def _chunks(shape: tuple[int, ...], chunks: tuple[int, int]) -> tuple[int, ...]:
     return plane if len(shape) == 2 else (1,) + plane
 
 
-class VolumeWriter:
+class VolumeWriter(ResultContent):
     """Write mean/variance volumes tile by tile into an HDF5 file that appears atomically on close."""
 
     def __init__(self, path: str | os.PathLike, shape: tuple[int, ...], chunks: tuple[int, int] = (CHUNK, CHUNK),
@@ -206,15 +207,6 @@ class VolumeWriter:
             raise
         self._written.add(key)
         self._pixels += (y1 - y0) * (x1 - x0)
-
-    def set_params(self, params: Mapping[str, np.ndarray]) -> None:
-        self._params = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
-
-    def set_history(self, history: Mapping[str, Any]) -> None:
-        self._history = history_arrays(history)
-
-    def set_metadata(self, metadata: Mapping[str, Any]) -> None:
-        self._attrs.update(metadata)
 
     @property
     def pixels_written(self) -> int:

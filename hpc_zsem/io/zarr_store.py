@@ -49,7 +49,8 @@ import numpy as np
 
 from hpc_zsem.errors import HpcZsemError, InputError, OutputError
 from hpc_zsem.io.paths import is_hpc_zsem_file, refuse_foreign
-from hpc_zsem.io.results import FORMAT, FORMAT_VERSION, as_float32, fsync_path, history_arrays
+from hpc_zsem.io.results import (FORMAT, FORMAT_VERSION, ResultContent, as_float32, check_output_directory,
+                                 fsync_path)
 from hpc_zsem.parallel import shard
 
 if TYPE_CHECKING:
@@ -116,6 +117,55 @@ def read_zarr_summary(path: str | os.PathLike) -> dict[str, Any]:
         raise InputError(f"{path}: corrupt zarr result ({type(exc).__name__}: {exc})") from None
 
 
+class _LevelZero:
+    """Level 0 of one image of a zarr result, read like an h5py dataset: ``shape``, ``ndim``, ``chunks``,
+    ``name``, slicing, and ``attrs["element_size_um"]`` (the result's pixel size, held by the root)."""
+
+    def __init__(self, array: zarr.Array, element_size_um: Any):
+        self._array = array
+        self.shape, self.ndim, self.chunks, self.name = array.shape, array.ndim, array.chunks, array.name
+        self.attrs = {} if element_size_um is None else {"element_size_um": np.asarray(element_size_um)}
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return np.asarray(self._array[index])
+
+
+class ZarrResultImages:
+    """The images of a finished zarr result opened read-only for export: ``images[name]`` is level 0 of image
+    ``name`` (mean, variance, input) as :class:`_LevelZero`; ``name in images``; a context manager."""
+
+    def __init__(self, path: str | os.PathLike):
+        import zarr
+
+        self.path = Path(path)
+        if not is_zarr_result(self.path):
+            raise InputError(f"{self.path}: not an hpc_zsem zarr result (no root attribute format = {FORMAT})")
+        try:
+            root = zarr.open_group(str(self.path), mode="r")
+            size = root.attrs.get("element_size_um")
+            names = root.attrs.get("images", ["mean", "variance"])
+            if not isinstance(names, list):
+                raise ValueError(f"root attribute images = {names!r}, expected a list of names")
+            self._images = {str(name): _LevelZero(_level_array(root, str(name), 0), size)
+                            for name in names if str(name) in root}
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            raise InputError(f"{self.path}: corrupt zarr result ({type(exc).__name__}: {exc})") from None
+        if "mean" not in self._images:
+            raise InputError(f"{self.path}: the zarr result has no mean image")
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._images
+
+    def __getitem__(self, name: str) -> _LevelZero:
+        return self._images[name]
+
+    def __enter__(self) -> ZarrResultImages:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._images = {}
+
+
 def _is_own_partial(path: Path) -> bool:
     """An unfinished store of ours: a directory whose root group carries a resume key, or an empty one (a
     writer killed between creating the directory and its first ``zarr.json``)."""
@@ -169,11 +219,7 @@ def check_zarr_output_path(path: str | os.PathLike, overwrite: bool) -> None:
     """Refuse (OutputError) a zarr output whose directory is missing or not writable, that exists without
     ``overwrite``, or that exists and is not an hpc_zsem result (never replaced, even with ``overwrite``)."""
     path = Path(path)
-    parent = path.parent
-    if not parent.is_dir():
-        raise OutputError(f"{path}: directory '{parent}' does not exist; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{path}: directory '{parent}' is not writable")
+    check_output_directory(path)
     if os.path.lexists(path) and not overwrite:
         raise OutputError(f"{path}: exists; pass --overwrite to replace it")
     ours = (not path.is_symlink()) and (is_zarr_result(path) or (path.is_file() and is_hpc_zsem_file(path, FORMAT)))
@@ -266,7 +312,7 @@ class _Failed(Exception):
 
 
 # ---------------------------------------------------------------------------------------------------- store
-class ZarrResultStore:
+class ZarrResultStore(ResultContent):
     """Mean/variance (and ``extra``) images written tile by tile by every rank of ``comm`` into an OME-Zarr
     directory that appears atomically on :meth:`close`. The constructor, :meth:`suspend` and :meth:`close` are
     collective; :meth:`write` and :meth:`abort` are local. ``resume_key`` is read on rank 0 only."""
@@ -478,15 +524,6 @@ class ZarrResultStore:
                 for ix in range(x0 // cx, -(-x1 // cx)):
                     self._own_chunks.append(self._chunk_file(name, 0, lead + (iy, ix)))
         self._written.add(key)
-
-    def set_params(self, params: Mapping[str, np.ndarray]) -> None:
-        self._params = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
-
-    def set_history(self, history: Mapping[str, Any]) -> None:
-        self._history = history_arrays(history)
-
-    def set_metadata(self, metadata: Mapping[str, Any]) -> None:
-        self._attrs.update(metadata)
 
     # ---------------------------------------------------------------- collective steps
     def _agree(self, error: str | None) -> None:
