@@ -8,12 +8,15 @@ evaluates N·(S + parents·children) (patch, state) pairs.
     python benchmarks/bench_speed.py [--H 64 256] [--repeats 3] [--threads 1 2] [--compare] [--profile]
 
 Prints, per H: µs per (patch, state) and s per epoch (min/median of the repeats, each from the same state),
-the achieved GFLOP/s as a share of this run's one-thread fp64 matmul rate, the 2-thread/1-thread speed-up, the
+the achieved GFLOP/s as a share of this run's one-thread fp64 matmul rate, the 2-thread/1-thread speed-up (with
+the process CPU time, the main thread's serial share — numpy/BLAS and Python between the kernels — and the
+Amdahl bound it sets; the load average says how busy the cores were with other jobs), the
 memory (bytes per patch held across epochs; the peak of one block's E-step temporaries, tracemalloc), and with
 --compare the same epoch with the previous numpy E-step (tests/reference_es3c.py), the ratio, and whether both
 give the same truncated sets and statistics.
 """
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -87,22 +90,36 @@ def run_h(args, H, blocks, ranges, rate):
         states, params, _ = epoch(model, blocks, ranges, params, states, e)
     pairs = N * (args.S + args.parents * args.children)
 
+    cpu = {}
+
     def timing(m, threads):
         set_threads(threads)
-        return [_timed(lambda: epoch(m, blocks, ranges, params, states, 99)) for _ in range(args.repeats)]
+        walls = []
+        for _ in range(args.repeats):
+            process, main = time.process_time(), time.thread_time()
+            walls.append(_timed(lambda: epoch(m, blocks, ranges, params, states, 99)))
+            cpu.setdefault(threads, []).append((time.process_time() - process, time.thread_time() - main))
+        return walls
 
     times = {t: timing(model, t) for t in args.threads}
     one = times[args.threads[0]]
     print(f"H={H}: N={N} D={D} S={args.S} parents={args.parents}×{args.children}, {pairs} (patch, state) per epoch")
     for t, ts in times.items():
+        process, main = min(cpu[t])
+        serial = main / process if t > 1 else float("nan")
         print(f"  kernel, {t} thread(s): {min(ts):.3f} s/epoch min, {statistics.median(ts):.3f} median  "
               f"→ {1e6 * min(ts) / pairs:.4f} µs per (patch, state);  "
-              f"{flops_per_epoch(N, D, H, pairs) / min(ts) / 1e9:.2f} GFLOP/s")
+              f"{flops_per_epoch(N, D, H, pairs) / min(ts) / 1e9:.2f} GFLOP/s;  CPU {process:.3f} s "
+              f"({process / min(ts):.2f} cores busy)" + (f", main thread (serial numpy/Python) {main:.3f} s = "
+                                                         f"{100 * serial:.0f} % → Amdahl bound "
+                                                         f"{1 / (serial + (1 - serial) / t):.2f}×" if t > 1 else ""))
     print(f"  GFLOP/s share of the one-thread matmul rate ({rate:.1f} GFLOP/s): "
           f"{100 * flops_per_epoch(N, D, H, pairs) / min(one) / 1e9 / rate:.1f} %")
     if len(args.threads) > 1:
         print(f"  speed-up {args.threads[-1]} threads vs {args.threads[0]}: "
-              f"{min(one) / min(times[args.threads[-1]]):.2f}×")
+              f"{min(one) / min(times[args.threads[-1]]):.2f}× (min), "
+              f"{statistics.median(one) / statistics.median(times[args.threads[-1]]):.2f}× (median); "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other jobs share them)")
     set_threads(1)
     resident, peak = memory(model, blocks, ranges, params, states)
     print(f"  memory: {resident:.0f} B per patch held across epochs (patch data + packed states); E-step peak "

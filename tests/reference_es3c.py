@@ -98,7 +98,8 @@ def flip_one_bit(parents: np.ndarray, n_children: int, H: int, rng: np.random.Ge
     kids = np.repeat(parents, n_children, axis=1)
     bit = rng.integers(0, H, size=kids.shape[:2])
     flips = np.zeros_like(kids)
-    np.put_along_axis(flips, (bit // 64)[:, :, None], np.left_shift(np.uint64(1), (bit % 64).astype(np.uint64))[:, :, None],
+    np.put_along_axis(flips, (bit // 64)[:, :, None],
+                      np.left_shift(np.uint64(1), (bit % 64).astype(np.uint64))[:, :, None],
                       axis=2)
     return kids ^ flips
 
@@ -255,7 +256,8 @@ def _chunks(n: int, size: int):
 def evaluate_pairs(theta: _Theta, B: np.ndarray, yy: np.ndarray, rows: np.ndarray, words: np.ndarray,
                    keep_groups: bool = False) -> tuple[np.ndarray, list[_Group]]:
     """Log-joints log p(y_n, s) for the pairs (patch rows[p], packed state words[p]) of a block, given
-    B = Y W (N, H), i.e. b_n = Wᵀy_n, and yy = ‖y_n‖². Returns lpj (P,) and, with keep_groups, the posterior moments grouped by k."""
+    B = Y W (N, H), i.e. b_n = Wᵀy_n, and yy = ‖y_n‖². Returns lpj (P,) and, with keep_groups, the posterior
+    moments grouped by k."""
     H = theta.W.shape[1]
     D = theta.W.shape[0]
     uniq, inverse = unique_states(words)
@@ -324,7 +326,8 @@ def sufficient_statistics(groups: list[_Group], q: np.ndarray, rows: np.ndarray,
             stats["S_s"] += _bincount(active, qk, H)
             stats["S_sz"] += _bincount(active, qk * m, H)
             pair_idx = _pair_index(active, H)
-            stats["S_szsz"] += _bincount(pair_idx, (qk[:, :, None] * m[:, :, None] * m[:, None, :]).reshape(len(qk), -1),
+            stats["S_szsz"] += _bincount(pair_idx,
+                                         (qk[:, :, None] * m[:, :, None] * m[:, None, :]).reshape(len(qk), -1),
                                          HH)
             if full_psi:
                 stats["S_ss"] += _bincount(pair_idx, qk, HH)

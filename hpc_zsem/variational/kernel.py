@@ -14,8 +14,9 @@ where the statistics need M_A⁻¹.
 The kernels release the GIL; ``run_split`` splits a block's patches among ``set_threads(n)`` Python threads. A
 patch's results never depend on which thread handles it, and the statistics are summed over a fixed number of
 parts of the block, added in a fixed order, so results do not depend on the thread count. The random numbers
-are drawn outside (``hpc_zsem.variational.evolution``) in the order and shapes the numpy E-step used, so the
-truncated sets are exactly those of that E-step.
+are drawn before the search (``hpc_zsem.variational.evolution``) in the order and shapes the numpy E-step used —
+those of a ``PatchRandom`` bit for bit by ``counter_numbers`` — so the truncated sets are exactly those of that
+E-step. Orders (parent selection, the S best) come from rank counting (``_top_ranked``), not sorting.
 """
 from __future__ import annotations
 
@@ -25,7 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numba import njit
+from llvmlite import ir
+from numba import types
 from numba.cpython.unsafe.numbers import trailing_zeros
+from numba.extending import intrinsic
 
 log = logging.getLogger("hpc_zsem")
 
@@ -37,10 +41,18 @@ SELECTIONS = ("fitness", "uniform", "best")      # codes 0, 1, 2 in the kernel
 MUTATIONS = ("random", "sparse")                 # codes 0, 1
 STATS_PARTS = 4          # parts of a block whose sums are added in order (threads take whole parts)
 _ONE = np.uint64(1)
-_HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)   # 2⁶⁴/φ: the hash multiplier and SplitMix64's increment
 
 
 # ----------------------------------------------------------------------------------------------- states
+@intrinsic
+def _float_bits(typingctx, x):
+    """The bits of the float64 x as an int64."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+    return types.int64(types.float64), codegen
+
+
 @njit(**INLINE)
 def _active_units(words, row, out):
     """Fill out[row, :k] with the active units h (increasing) of the packed state words[row] (bit h mod 64 of
@@ -160,10 +172,11 @@ def _state_terms(theta, A, k, work, tmp, cov, c):
 
 
 @njit(**JIT)
-def _solve_state(psi, G_scaled, mu, unit, log_odds, scalars, b, A, k, work, tmp, c, m, row):
+def _solve_state(psi, G_scaled, mu, unit, log_odds, scalars, b, A, k, work, tmp, c, m, row, means):
     """const_A + ½ rᵀm for one patch (b = Wᵀy) and a state with k > 2 active units A[:k], with r = c + b_A/σ²
-    and m = M_A⁻¹ r into m[row, :k], by the square-root-free Cholesky factorisation M_A = L D Lᵀ (unit lower
-    L): log det M_A = Σ log D_jj, w = L⁻¹ r, rᵀm = Σ w_j²/D_jj, m = L⁻ᵀ D⁻¹ w."""
+    and (with ``means``) m = M_A⁻¹ r into m[row, :k] (else m[row] is scratch), by the square-root-free Cholesky
+    factorisation M_A = L D Lᵀ (unit lower L): log det M_A = Σ log D_jj, w = L⁻¹ r, rᵀm = Σ w_j²/D_jj,
+    m = L⁻ᵀ D⁻¹ w."""
     const = _precision(psi, G_scaled, mu, unit, log_odds, scalars[1], A, k, work, tmp, c)
     product, log_det = 1.0, 0.0
     for j in range(k):                                  # L D Lᵀ in place: D on the diagonal, L below it
@@ -188,11 +201,12 @@ def _solve_state(psi, G_scaled, mu, unit, log_odds, scalars, b, A, k, work, tmp,
             s -= work[i, j] * m[row, j]
         m[row, i] = s
         rm += s * s / work[i, i]
-    for i in range(k - 1, -1, -1):                      # m = L⁻ᵀ D⁻¹ w
-        s = m[row, i] / work[i, i]
-        for j in range(i + 1, k):
-            s -= work[j, i] * m[row, j]
-        m[row, i] = s
+    if means:
+        for i in range(k - 1, -1, -1):                  # m = L⁻ᵀ D⁻¹ w
+            s = m[row, i] / work[i, i]
+            for j in range(i + 1, k):
+                s -= work[j, i] * m[row, j]
+            m[row, i] = s
     return (const - 0.5 * log_det) + 0.5 * rm
 
 
@@ -251,10 +265,11 @@ def _candidates(C, W, H):
 
 
 @njit(**JIT)
-def _score(theta, B, n, tail, cand, rows, count, lpj, units, ks, moments, scratch):
+def _score(theta, B, n, tail, cand, rows, count, lpj, units, ks, moments, scratch, means):
     """For the candidates c = rows[:count] of patch n: lpj[c] = log p(y_n, cand[c]) = const_A + ½ rᵀm + tail
-    with r = c_A + b_A/σ², m = M_A⁻¹ r (b = B[n] = Wᵀy_n); also ks[c] = k, units[c, :k] = A, moments[c, :k] = m.
-    States with k ≤ 2 use the tables (closed forms), others an L D Lᵀ factorisation (``_solve_state``)."""
+    with r = c_A + b_A/σ², m = M_A⁻¹ r (b = B[n] = Wᵀy_n); also ks[c] = k, units[c, :k] = A and, with
+    ``means``, moments[c, :k] = m. States with k ≤ 2 use the tables (closed forms), others an L D Lᵀ
+    factorisation (``_solve_state``)."""
     psi, G_scaled, mu, log_odds, scalars, unit, one, two = theta
     sigma2, log_p0 = scalars[0], scalars[1]
     A, work, tmp, _, cvec = scratch
@@ -270,7 +285,8 @@ def _score(theta, B, n, tail, cand, rows, count, lpj, units, ks, moments, scratc
             h = units[c, 0]
             r0 = one[h, 1] + b[h] / sigma2
             m0 = one[h, 0] * r0
-            moments[c, 0] = m0
+            if means:
+                moments[c, 0] = m0
             value = one[h, 2] + 0.5 * (r0 * m0)
         elif k == 2:
             h, l = units[c, 0], units[c, 1]
@@ -279,12 +295,14 @@ def _score(theta, B, n, tail, cand, rows, count, lpj, units, ks, moments, scratc
             r1 = two[t, 4] + b[l] / sigma2
             m0 = two[t, 0] * r0 + two[t, 1] * r1
             m1 = two[t, 1] * r0 + two[t, 2] * r1
-            moments[c, 0], moments[c, 1] = m0, m1
+            if means:
+                moments[c, 0], moments[c, 1] = m0, m1
             value = two[t, 5] + 0.5 * (r0 * m0 + r1 * m1)
         else:
             for j in range(k):
                 A[j] = units[c, j]
-            value = _solve_state(psi, G_scaled, mu, unit, log_odds, scalars, b, A, k, work, tmp, cvec, moments, c)
+            value = _solve_state(psi, G_scaled, mu, unit, log_odds, scalars, b, A, k, work, tmp, cvec, moments, c,
+                                 means)
         lpj[c] = value + tail
 
 
@@ -299,30 +317,31 @@ def _accumulate(theta, n, q, S, units, ks, moments, scratch, part, mean_sz, sums
     H = one.shape[0]
     stats = sums.shape[2] > 0
     full = pair_sums.shape[1] == 3
+    mean, first, second = mean_sz[n], sums[part], pair_sums[part]
     for s in range(S):
-        k = ks[s]
+        k, qs, active, m = ks[s], q[s], units[s], moments[s]
         for i in range(k):
-            mean_sz[n, units[s, i]] += q[s] * moments[s, i]
+            mean[active[i]] += qs * m[i]
         if not stats or k == 0:
             continue
         if k == 1:
-            cov[0, 0] = one[units[s, 0], 0]
+            cov[0, 0] = one[active[0], 0]
         elif k == 2:
-            t = _pair_index(units[s, 0], units[s, 1], H)
+            t = _pair_index(active[0], active[1], H)
             cov[0, 0], cov[0, 1], cov[1, 0], cov[1, 1] = two[t, 0], two[t, 1], two[t, 1], two[t, 2]
         else:
             for i in range(k):
-                A[i] = units[s, i]
+                A[i] = active[i]
             _state_terms(theta, A, k, work, tmp, cov, c)
         for i in range(k):
-            h = units[s, i]
-            sums[part, 0, h] += q[s]
-            sums[part, 1, h] += q[s] * moments[s, i]
+            h = active[i]
+            first[0, h] += qs
+            first[1, h] += qs * m[i]
             for j in range(k):
-                pair_sums[part, 0, h, units[s, j]] += q[s] * (cov[i, j] + moments[s, i] * moments[s, j])
+                second[0, h, active[j]] += qs * (cov[i, j] + m[i] * m[j])
                 if full:
-                    pair_sums[part, 1, h, units[s, j]] += q[s]
-                    pair_sums[part, 2, h, units[s, j]] += q[s] * moments[s, j]
+                    second[1, h, active[j]] += qs
+                    second[2, h, active[j]] += qs * m[j]
 
 
 @njit(**JIT)
@@ -331,16 +350,20 @@ def posterior_parts(theta, B, tails, K, want, first, last, lpj, log_norm, mean_s
     """For the parts first … last−1 of a block (part p: patches [p·N/P, (p+1)·N/P) of N, P = len(sums)):
     log-joints lpj (N, S) of the truncated sets K (N, S, W) and log Σ_s p(s, y_n) (N,); with want ≥ 1
     ⟨s⊙z⟩_n = Σ_s q_n(s) scatter_A(m_{n,s}) into mean_sz (N, H); with want = 2 also the part's sums
-    [S_s, S_sz] into sums (P, 2, H) and [S_szsz, (S_ss, T for a full Ψ)] into pair_sums (P, 1 or 3, H, H)."""
+    [S_s, S_sz] into sums (P, 2, H) and [S_szsz, (S_ss, T for a full Ψ)] into pair_sums (P, 1 or 3, H, H).
+    The outputs need not be zeroed: each part's sums and each patch's ⟨s⊙z⟩_n start from 0 here (in the thread
+    that fills them)."""
     N, S, W = K.shape
     P = sums.shape[0]
     cand, rows, values, units, ks, moments = buffers
     for part in range(first, last):
+        sums[part] = 0.0
+        pair_sums[part] = 0.0
         for n in range(part * N // P, (part + 1) * N // P):
             for s in range(S):
                 for w in range(W):
                     cand[s, w] = K[n, s, w]
-            _score(theta, B, n, tails[n], cand, rows, S, values, units, ks, moments, scratch)
+            _score(theta, B, n, tails[n], cand, rows, S, values, units, ks, moments, scratch, want >= 1)
             top = -np.inf
             for s in range(S):
                 lpj[n, s] = values[s]
@@ -351,18 +374,66 @@ def posterior_parts(theta, B, tails, K, want, first, last, lpj, log_norm, mean_s
                 total += q[s]
             log_norm[n] = np.log(total) + top
             if want >= 1:
+                mean_sz[n] = 0.0
                 for s in range(S):
                     q[s] /= total               # q_n(s) = p(s, y_n) / Σ_s' p(s', y_n)
                 _accumulate(theta, n, q, S, units, ks, moments, scratch, part, mean_sz, sums, pair_sums)
 
 
 # ----------------------------------------------------------------------------------------------- evolution
+@njit(**INLINE)
+def _order_code(x):
+    """An int64 whose order is the order of the float x: its bits, with the magnitude bits of negative numbers
+    flipped (−0.0 counts as +0.0, NaN as −∞)."""
+    bits = _float_bits(x + 0.0 if x == x else -np.inf)
+    return bits ^ ((bits >> 63) & np.int64(0x7FFFFFFFFFFFFFFF))
+
+
 @njit(**JIT)
-def _select(lpj, start, C, n_parents, rule, u, g, n, keys, out):
+def _top_ranked(codes, count, first, slots):
+    """slots[r] = i for the members i < count whose rank r is below ``first``, the rank being the position in
+    the order of decreasing codes[:count], ties by index (the order of a stable ``argsort(−codes)``).
+    For 8 members at a time (vectorised) it counts r_i = #{j : codes_j > codes_i}; Σ_i r_i = count(count−1)/2
+    − #(tied pairs), so when the sum is count(count−1)/2 there are no ties and the r_i are the ranks; otherwise
+    (rare) a second pass adds #{j < i : codes_j = codes_i}."""
+    total = 0
+    last = count - 1
+    for b in range(0, count, 8):
+        c0, c1, c2, c3 = codes[b], codes[min(b + 1, last)], codes[min(b + 2, last)], codes[min(b + 3, last)]
+        c4, c5, c6, c7 = (codes[min(b + 4, last)], codes[min(b + 5, last)], codes[min(b + 6, last)],
+                          codes[min(b + 7, last)])
+        r0 = r1 = r2 = r3 = r4 = r5 = r6 = r7 = 0
+        for j in range(count):
+            x = codes[j]
+            r0 += x > c0
+            r1 += x > c1
+            r2 += x > c2
+            r3 += x > c3
+            r4 += x > c4
+            r5 += x > c5
+            r6 += x > c6
+            r7 += x > c7
+        for lane, r in enumerate((r0, r1, r2, r3, r4, r5, r6, r7)):
+            if b + lane < count:
+                total += r
+                if r < first:
+                    slots[r] = b + lane
+    if total != count * last // 2:
+        for i in range(count):
+            r = 0
+            for j in range(count):
+                r += (codes[j] > codes[i]) | ((codes[j] == codes[i]) & (j < i))
+            if r < first:
+                slots[r] = i
+
+
+@njit(**JIT)
+def _select(lpj, start, C, n_parents, rule, u, g, n, slots, out):
     """The n_parents population members (lpj[start:start+C]) with the largest keys, largest first, ties by
     index (the order of ``argsort(−keys)``): keys lpj (best), u (uniform), or log(u)/(lpj − min lpj + 1)
     (fitness: Efraimidis–Spirakis sampling without replacement ∝ lpj − min + 1), with u = u[g, n]; all members
-    in order if n_parents ≥ C. Returns the number selected."""
+    in order if n_parents ≥ C. ``out`` (≥ C) also holds the keys' order codes, ``slots`` (≥ n_parents) the
+    ranked members until they are copied into out. Returns the number selected."""
     if n_parents >= C:
         for i in range(C):
             out[i] = i
@@ -370,7 +441,6 @@ def _select(lpj, start, C, n_parents, rule, u, g, n, keys, out):
     low = np.inf
     for i in range(C):
         low = min(low, lpj[start + i])
-    count = 0
     for i in range(C):
         if rule == 2:
             key = lpj[start + i]
@@ -378,18 +448,10 @@ def _select(lpj, start, C, n_parents, rule, u, g, n, keys, out):
             key = u[g, n, i]
         else:
             key = np.log(u[g, n, i] + 1e-300) / ((lpj[start + i] - low) + 1.0)
-        if count == n_parents:
-            if not key > keys[count - 1]:
-                continue
-            count -= 1
-        j = count
-        while j > 0 and key > keys[j - 1]:
-            keys[j] = keys[j - 1]
-            out[j] = out[j - 1]
-            j -= 1
-        keys[j] = key
-        out[j] = i
-        count += 1
+        out[i] = _order_code(key)
+    _top_ranked(out, C, n_parents, slots)
+    for r in range(n_parents):
+        out[r] = slots[r]
     return n_parents
 
 
@@ -461,7 +523,7 @@ def _deduplicate(cand, first, last, table, rep, todo):
     for c in range(first, last):
         x = np.uint64(0)
         for w in range(cand.shape[1]):
-            x = (x ^ cand[c, w]) * _HASH_MULTIPLIER
+            x = (x ^ cand[c, w]) * _GAMMA
             x ^= x >> np.uint64(29)
         slot = np.int64(x >> np.uint64(40)) & mask
         rep[c] = c
@@ -484,44 +546,32 @@ def _deduplicate(cand, first, last, table, rep, todo):
 
 
 @njit(**JIT)
-def _stable_order(keys, first, last, order, sorted_keys):
-    """order[first:last] = the indices first … last−1 in the stable order of keys[first:last], sorted_keys the
-    keys in that order: insertion sort, O(n + inversions)."""
-    for i in range(first, last):
-        key = keys[i]
-        j = i
-        while j > first and key < sorted_keys[j - 1]:
-            sorted_keys[j] = sorted_keys[j - 1]
-            order[j] = order[j - 1]
-            j -= 1
-        sorted_keys[j] = key
-        order[j] = i
-
-
-@njit(**JIT)
-def _keep_best(cand, lpj, rep, count, n, keyed, order, sorted_keys, new_K, new_lpj):
-    """new_K[n], new_lpj[n] = the S best distinct of the count candidates: a stable sort by −log-joint, the
-    first occurrence standing for its duplicates (which sort last, in candidate order, filling up if fewer than
-    S are distinct) — the first S and the other candidates sorted apart, then merged (ties to the first S).
-    Returns how many come from beyond the first S candidates."""
+def _keep_best(cand, lpj, rep, count, n, codes, members, slots, new_K, new_lpj):
+    """new_K[n], new_lpj[n] = the S best distinct of the count candidates, best first, ties by index (the order
+    of a stable sort by −log-joint), the first occurrence standing for its duplicates, which follow in
+    candidate order if fewer than S are distinct. Returns how many come from beyond the first S candidates."""
     S = new_K.shape[1]
+    distinct = 0
     for i in range(count):
-        keyed[i] = -lpj[i] if rep[i] == i else np.inf
-    split = min(S, count)
-    _stable_order(keyed, 0, split, order, sorted_keys)
-    _stable_order(keyed, split, count, order, sorted_keys)
-    a, b, accepted = 0, split, 0
-    for i in range(S):
-        if b < count and (a == split or sorted_keys[b] < sorted_keys[a]):
-            c = order[b]
-            b += 1
-            accepted += 1
-        else:
-            c = order[a]
-            a += 1
+        if rep[i] == i:
+            codes[distinct] = _order_code(lpj[i])
+            members[distinct] = i
+            distinct += 1
+    _top_ranked(codes, distinct, S, slots)
+    for r in range(min(S, distinct)):
+        slots[r] = members[slots[r]]
+    r = distinct
+    for i in range(count):
+        if r < S and rep[i] != i:
+            slots[r] = i
+            r += 1
+    accepted = 0
+    for r in range(S):
+        c = slots[r]
+        accepted += c >= S
         for w in range(cand.shape[1]):
-            new_K[n, i, w] = cand[c, w]
-        new_lpj[n, i] = lpj[c]
+            new_K[n, r, w] = cand[c, w]
+        new_lpj[n, r] = lpj[c]
     return accepted
 
 
@@ -538,7 +588,7 @@ def evolve_range(first, last, K, lpj_K, known, n_parents, n_children, generation
     them come from beyond the first S candidates into accepted."""
     C0, W = K.shape[1], K.shape[2]
     cand, _, lpj, units, ks, moments = buffers
-    rep, todo, table, chosen, keys, parents, crossed, keyed, order, sorted_keys = search
+    rep, todo, table, chosen, codes, slots, parents, crossed = search
     for n in range(first, last):
         for i in range(table.shape[0]):
             table[i] = -1
@@ -550,7 +600,7 @@ def evolve_range(first, last, K, lpj_K, known, n_parents, n_children, generation
             for i in range(C0):
                 lpj[i] = lpj_K[n, i]
         else:
-            _score(theta, B, n, tails[n], cand, todo, count, lpj, units, ks, moments, scratch)
+            _score(theta, B, n, tails[n], cand, todo, count, lpj, units, ks, moments, scratch, False)
         start, end = 0, C0
         for g in range(generations + 1):
             for c in range(start, end):
@@ -558,13 +608,38 @@ def evolve_range(first, last, K, lpj_K, known, n_parents, n_children, generation
                     lpj[c] = lpj[rep[c]]
             if g == generations:
                 break
-            P = _select(lpj, start, end - start, n_parents, rule, sel_u, g, n, keys, chosen)
+            P = _select(lpj, start, end - start, n_parents, rule, sel_u, g, n, slots, chosen)
             _make_children(cand, start, chosen, P, n_children, end, H, crossover, mutation, rho, g, n, cross_step,
                            cross_u, flip_bit, flip_u, parents, crossed)
             start, end = end, end + P * n_children
             count = _deduplicate(cand, start, end, table, rep, todo)
-            _score(theta, B, n, tails[n], cand, todo, count, lpj, units, ks, moments, scratch)
-        accepted[n] = _keep_best(cand, lpj, rep, end, n, keyed, order, sorted_keys, new_K, new_lpj)
+            _score(theta, B, n, tails[n], cand, todo, count, lpj, units, ks, moments, scratch, False)
+        accepted[n] = _keep_best(cand, lpj, rep, end, n, codes, chosen, slots, new_K, new_lpj)
+
+
+# ----------------------------------------------------------------------------------------------- random numbers
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+@njit(**JIT)
+def counter_numbers(first, last, streams, call, low, span, out):
+    """One call of ``hpc_zsem.randomness.PatchRandom`` for the patches first … last−1, bit for bit: with
+    x = SplitMix64-mix(streams[n] + call + (e + 1)·γ) for the e-th number of patch n, out[n, e] =
+    (x >> 11)·2⁻⁵³ (uniform in [0, 1), ``span`` = 0) or low + ((x >> 32)·span >> 32) (integers in
+    [low, low + span))."""
+    for n in range(first, last):
+        base = streams[n] + call
+        for e in range(out.shape[1]):
+            x = base + np.uint64(e + 1) * _GAMMA
+            x ^= x >> np.uint64(30)
+            x *= _MIX1
+            x ^= x >> np.uint64(27)
+            x *= _MIX2
+            x ^= x >> np.uint64(31)
+            if span == 0:
+                out[n, e] = np.float64(x >> np.uint64(11)) * 2.0**-53
+            else:
+                out[n, e] = low + np.int64(((x >> np.uint64(32)) * span) >> np.uint64(32))
 
 
 # ----------------------------------------------------------------------------------------------- threads
@@ -605,15 +680,16 @@ def posterior(theta, B, tails, K, want: int):
     parts = max(1, min(STATS_PARTS if want == 2 else 1, N))
     full = theta[0].shape[0] > 1
     lpj, log_norm = np.empty((N, S)), np.empty(N)
-    mean_sz = np.zeros((N, H) if want >= 1 else (0, H))
-    sums = np.zeros((parts, 2, H) if want == 2 else (parts, 2, 0))
-    pair_sums = np.zeros((parts, 3 if full else 1, H, H) if want == 2 else (parts, 1, 0, 0))
+    mean_sz = np.empty((N, H) if want >= 1 else (0, H))
+    sums = np.empty((parts, 2, H) if want == 2 else (parts, 2, 0))
+    pair_sums = np.empty((parts, 3 if full else 1, H, H) if want == 2 else (parts, 1, 0, 0))
     K = np.ascontiguousarray(K, dtype=np.uint64)
 
     def work(first, last, *rows):      # rows: a slice of patches (no sums), else parts first … last−1
         if rows:
             a, b = rows
-            args = (B[a:b], tails[a:b], K[a:b], want, 0, 1, lpj[a:b], log_norm[a:b], mean_sz[a:b] if want else mean_sz)
+            args = (B[a:b], tails[a:b], K[a:b], want, 0, 1, lpj[a:b], log_norm[a:b],
+                    mean_sz[a:b] if want else mean_sz)
         else:
             args = (B, tails, K, want, first, last, lpj, log_norm, mean_sz)
         posterior_parts(theta, *args, sums, pair_sums, _scratch(H), _candidates(S, W, H), np.empty(S))
@@ -642,9 +718,9 @@ def search(K, lpj, n_parents: int, n_children: int, generations: int, rule: int,
     P = max(n_parents, 1)
 
     def work(first, last):
-        buffers = (np.empty(C, dtype=np.int64), np.empty(C, dtype=np.int64), np.empty(capacity, dtype=np.int64),
-                   np.empty(P, dtype=np.int64), np.empty(P), np.empty((P, W), dtype=np.uint64),
-                   np.empty((P, W), dtype=np.uint64), np.empty(C), np.empty(C, dtype=np.int64), np.empty(C))
+        index = lambda size: np.empty(size, dtype=np.int64)         # noqa: E731
+        buffers = (index(C), index(C), index(capacity), index(C), index(C), index(C), np.empty((P, W), dtype=np.uint64),
+                   np.empty((P, W), dtype=np.uint64))
         evolve_range(first, last, K, lpj, known, n_parents, n_children, generations, rule, mutation, crossover, rho,
                      H, *draws, theta, B, tails, new_K, new_lpj, accepted, _scratch(H), _candidates(C, W, H), buffers)
 
@@ -672,6 +748,8 @@ def ensure_compiled() -> None:
     draws = (np.full((1, 1, 2), 0.5), np.ones((1, 1, 1), dtype=np.int64), np.full((1, 1, 1, H), 0.5),
              np.zeros((1, 1, 1), dtype=np.int64), np.full((1, 1, 1, H), 0.5))
     search(K, np.zeros((1, 2)), 1, 1, 1, 0, 1, True, 1.0, H, draws, theta, B, tails, 2)
-    kernels = (_tabulate, posterior_parts, evolve_range)
+    for out, span in ((np.empty((1, 1)), 0), (np.empty((1, 1), dtype=np.int64), 2)):
+        counter_numbers(0, 1, np.zeros(1, dtype=np.uint64), np.uint64(0), np.int64(0), np.uint64(span), out)
+    kernels = (_tabulate, posterior_parts, evolve_range, counter_numbers)
     if any(sum(kernel.stats.cache_misses.values()) for kernel in kernels):
         log.info("compiling kernels (once per machine; cached afterwards) … %.1f s", time.perf_counter() - t0)
