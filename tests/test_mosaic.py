@@ -134,7 +134,7 @@ def test_per_section_volume_holds_one_model_per_section(stack_path, per_section_
 
 
 def test_per_section_into_ome_zarr_equals_the_hdf5_volume(stack_path, per_section_reference, tmp_path):
-    zarr = pytest.importorskip("zarr")
+    import zarr
     out = tmp_path / "stack.zarr"
     run_per_section(config_for(stack_path, out, "training.per_section=true"), SerialComm())
     ref = read_result(per_section_reference)

@@ -66,6 +66,20 @@ def test_striped_tiff_reads_only_needed_strips(tmp_path):
         np.testing.assert_array_equal(src.read_section(), image)
 
 
+def test_jpeg_tiles_with_shared_tables(tmp_path):
+    """JPEG tiles (the tables shared in JPEGTables) decode through tifffile's zarr store as tifffile decodes
+    them, tile by tile (needs imagecodecs, as tifffile's JPEG codec does)."""
+    pytest.importorskip("imagecodecs")
+    image = _image((300, 260), seed=9, dtype=np.uint8)
+    path = tmp_path / "jpeg.tif"
+    tifffile.imwrite(path, image, tile=(64, 64), compression="jpeg", photometric="minisblack")
+    truth = tifffile.imread(path)
+    with open_source(path) as src:
+        np.testing.assert_array_equal(src.read(0, 70, 140, 10, 200), truth[70:140, 10:200])
+        assert src.stats["segments_decoded"] == _tiles_of(70, 140, 10, 200, 64)
+        np.testing.assert_array_equal(src.read_section(), truth)
+
+
 def test_multipage_stack_sections(tmp_path):
     stack = _image((3, 300, 200), seed=1)
     path = tmp_path / "stack.tif"
@@ -190,16 +204,63 @@ def test_truncated_tiff_is_a_clean_input_error(tmp_path):
             src.read(0, 500, 512, 500, 512)
 
 
-def test_contiguous_and_whole_fallbacks_read_the_same(tmp_path):
-    """The memmap path (contiguous uncompressed series with fewer pages than planes, e.g. ImageJ > 4 GB) and
-    the whole-series fallback return the same pixels as page-wise decoding."""
+def test_contiguous_series_is_memory_mapped_and_reads_like_zarr(tmp_path):
+    """A contiguous uncompressed series (an ImageJ stack; a truncated one with fewer pages than planes, as ImageJ
+    writes over 4 GB; tifffile's single-strip pages) is memory-mapped: a small region reads only its own
+    pixels instead of whole-plane strips, and gives the same pixels as the zarr path."""
     stack = _image((5, 64, 80), seed=7, dtype=np.uint8)
-    path = tmp_path / "ij.tif"
-    tifffile.imwrite(path, stack, imagej=True, metadata={"axes": "ZYX"})
-    for mode in ("memmap", "whole"):
-        with open_source(path) as src:
-            src._mode = mode
-            np.testing.assert_array_equal(src.read(3, 5, 20, 7, 70), stack[3, 5:20, 7:70])
+    for kwargs in ({"imagej": True, "metadata": {"axes": "ZYX"}},
+                   {"imagej": True, "truncate": True, "metadata": {"axes": "ZYX"}},
+                   {"photometric": "minisblack"}):
+        path = tmp_path / "contiguous.tif"
+        tifffile.imwrite(path, stack, **kwargs)
+        for mode in ("memmap", "zarr"):
+            with open_source(path) as src:
+                assert src._mode == "memmap"
+                src._mode = mode
+                np.testing.assert_array_equal(src.read(3, 5, 20, 7, 70), stack[3, 5:20, 7:70])
+                if mode == "memmap":
+                    assert src.stats["bytes_read"] == 15 * 63 and src.stats["segments_decoded"] == 0
+                else:   # one whole-plane strip
+                    assert src.stats["segments_decoded"] == 1 and src.stats["pixels_decoded"] == 64 * 80
+    with open_source(path, section=4) as src:
+        np.testing.assert_array_equal(src.read_section(), stack[4])
+
+
+def test_chunk_stats_count_what_zarr_decodes(tmp_path):
+    """segments_decoded is what the store was asked for: a counting zarr store around tifffile's ``aszarr``
+    store sees exactly the chunk reads that ChunkCache reports (each one a TIFF tile decoded by tifffile), and
+    cached chunks are not asked for again; the cache holds at most its size."""
+    import zarr
+    from zarr.storage import WrapperStore
+
+    from hpc_zsem.io.regions import ChunkCache
+
+    class Counting(WrapperStore):
+        gets = 0
+
+        async def get(self, key, prototype, byte_range=None):
+            if key[0].isdigit():   # a chunk ("0.1"), not metadata (zarr.json, .zarray, .zattrs)
+                Counting.gets += 1
+            return await super().get(key, prototype, byte_range)
+
+    image = _image((700, 600), seed=8)
+    path = tmp_path / "tiles.tif"
+    tifffile.imwrite(path, image, tile=(128, 128), compression="zlib")
+    with tifffile.TiffFile(path) as tif:
+        arr = zarr.open_array(Counting(tif.series[0].aszarr()), mode="r")
+        stats = {"segments_decoded": 0, "pixels_decoded": 0, "bytes_read": 0}
+        cache = ChunkCache(arr, stats, cache_bytes=6 * 128 * 128 * 2)
+        for box in [(0, 10, 0, 10), (5, 300, 100, 400), (250, 260, 250, 260), (600, 700, 500, 600),
+                    (0, 700, 0, 600), (10, 20, 10, 20)]:
+            before = Counting.gets
+            np.testing.assert_array_equal(cache.read((), *box), image[box[0]:box[1], box[2]:box[3]])
+            assert stats["segments_decoded"] == Counting.gets, box
+            assert Counting.gets - before <= _tiles_of(*box, t=128)
+            assert cache._cached <= 6 * 128 * 128 * 2
+        before = Counting.gets
+        np.testing.assert_array_equal(cache.read((), 20, 30, 20, 30), image[20:30, 20:30])   # cached tile
+        assert Counting.gets == before and stats["segments_decoded"] == Counting.gets
 
 
 def test_ome_tiff_pixel_size_is_parsed_as_xml_with_units(tmp_path):

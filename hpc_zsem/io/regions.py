@@ -1,10 +1,12 @@
 """Lazy region reading of large images: whole-slide mosaics, stacks and volumes.
 
 :func:`open_source` returns an :class:`ImageSource` whose :meth:`~ImageSource.read` returns one rectangular
-region of one section as float64, decoding only the TIFF tiles or strips that intersect it (or slicing an
-HDF5 dataset, which h5py reads chunk by chunk). No call ever loads the whole image unless the file stores it
-in a form that cannot be read in parts (see :class:`TiffSource`), and the counters in
-:attr:`ImageSource.stats` say exactly what was decoded, so tests can assert it.
+region of one section as float64, decoding only the TIFF tiles or strips (read through tifffile's public
+``aszarr`` zarr interface) or zarr chunks that intersect it, or slicing an HDF5 dataset, which h5py reads
+chunk by chunk. No call ever loads the whole image unless the file stores it in a form that cannot be read in
+parts (a compressed plane stored as one strip), and the counters in :attr:`ImageSource.stats` say what was
+decoded (``segments_decoded``: chunks, i.e. TIFF strips or tiles, fetched from zarr; ``pixels_decoded`` and
+``bytes_read``: their decoded size; for memory-mapped or HDF5 data the pixels sliced), so tests can assert it.
 
 Supported inputs
     * 2-D TIFF and BigTIFF, tiled or striped, any tifffile codec;
@@ -49,7 +51,7 @@ import tifffile
 from hpc_zsem.errors import InputError
 from hpc_zsem.io.images import resolve_input_path, split_h5_path, split_zarr_path
 
-_CACHE_BYTES = 32 << 20   # decoded TIFF segments kept per source (LRU) for reads that touch the same tiles
+_CACHE_BYTES = 32 << 20   # decoded chunks (TIFF strips/tiles, zarr chunks) kept per source (LRU), see ChunkCache
 # What tifffile and the codecs raise on unreadable, corrupt or truncated files.
 READ_ERRORS = (tifffile.TiffFileError, OSError, ValueError, struct.error, zlib.error, EOFError,
                KeyError, IndexError, RuntimeError, TypeError, ZeroDivisionError, OverflowError, MemoryError)
@@ -215,23 +217,166 @@ def open_tiff(path: Path, name: str) -> tifffile.TiffFile:
         raise InputError(f"{name}: cannot read as TIFF ({exc})") from None
 
 
-class TiffSource(ImageSource):
-    """First series of a TIFF (full-resolution level), read tile by tile or strip by strip.
+class ChunkCache:
+    """Region reads of a zarr array through an LRU cache of its decoded chunks (shared by the TIFF and zarr
+    sources).
 
-    Planes map to pages (one plane per page, or ``imagedepth`` planes per volumetric page). A series stored
-    as one contiguous uncompressed block with fewer pages than planes (e.g. ImageJ stacks over 4 GB) is
-    memory-mapped. Anything else (rare) falls back to reading the series once, counted in ``stats``.
+    A region fetches from zarr only the chunks it touches that are not cached, chunk-aligned (so zarr decodes
+    exactly those chunks), in one zarr call when they form a rectangle; a region whose chunks are all cached
+    costs no zarr call. This keeps the many small reads of training patches (``tiles.read_patches``) fast:
+    zarr caches no decoded chunks and each zarr call has a fixed overhead of about 0.4 ms. Chunks larger than
+    the cache are not cached; such a region is sliced from zarr directly. ``stats`` counts what zarr decoded:
+    ``segments_decoded`` chunks (for a TIFF: strips or tiles), ``pixels_decoded`` their elements and
+    ``bytes_read`` their decoded bytes."""
+
+    def __init__(self, arr: Any, stats: dict[str, int], cache_bytes: int = _CACHE_BYTES):
+        self.arr = arr
+        self.stats = stats
+        self.shape = tuple(int(n) for n in arr.shape)
+        self.chunks = tuple(max(1, int(c)) for c in arr.chunks)
+        self.dtype = np.dtype(arr.dtype)
+        self._itemsize = self.dtype.itemsize
+        self._uncached = int(np.prod(self.chunks, dtype=np.int64)) * self._itemsize > cache_bytes
+        self._cache_bytes = int(cache_bytes)
+        self._cached = 0
+        self._cache: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
+        self._lock = threading.RLock()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+            self._cached = 0
+
+    def _box(self, key: tuple[int, ...]) -> tuple[slice, ...]:
+        return tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(key, self.chunks, self.shape))
+
+    def _count(self, n_chunks: int, n_pixels: int) -> None:
+        self.stats["segments_decoded"] += n_chunks
+        self.stats["pixels_decoded"] += n_pixels
+        self.stats["bytes_read"] += n_pixels * self._itemsize
+
+    def read(self, lead: tuple[int, ...], y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Elements ``arr[lead + (y0:y1, x0:x1)]`` (``lead`` indexes the leading dimensions) as a new array."""
+        cy, cx = self.chunks[-2], self.chunks[-1]
+        iy0, iy1, ix0, ix1 = y0 // cy, (y1 - 1) // cy, x0 // cx, (x1 - 1) // cx
+        clead = tuple(i // c for i, c in zip(lead, self.chunks[:-2]))
+        within = tuple(i - c * j for i, c, j in zip(lead, self.chunks[:-2], clead))
+        if self._uncached:
+            out = np.asarray(self.arr[tuple(lead) + (slice(y0, y1), slice(x0, x1))])
+            for iy in range(iy0, iy1 + 1):
+                for ix in range(ix0, ix1 + 1):
+                    self._count(1, int(np.prod([b.stop - b.start for b in self._box(clead + (iy, ix))])))
+            return out
+        with self._lock:
+            if iy0 == iy1 and ix0 == ix1:   # the common case of small reads: one cached chunk
+                block = self._cache.get(clead + (iy0, ix0))
+                if block is not None:
+                    self._cache.move_to_end(clead + (iy0, ix0))
+                    by, bx = iy0 * cy, ix0 * cx
+                    return block[within + (slice(y0 - by, y1 - by), slice(x0 - bx, x1 - bx))].copy()
+            # allocated first: a region too large for memory (a corrupt header's size) fails here at once
+            out = np.empty((y1 - y0, x1 - x0), dtype=self.dtype)
+            keys = [clead + (iy, ix) for iy in range(iy0, iy1 + 1) for ix in range(ix0, ix1 + 1)]
+            blocks = {}
+            for k in keys:
+                hit = self._cache.get(k)
+                if hit is not None:
+                    self._cache.move_to_end(k)
+                    blocks[k] = hit
+            missing = [k for k in keys if k not in blocks]
+            if missing:
+                blocks.update(self._fetch(clead, missing))
+            for (*_, iy, ix), block in blocks.items():
+                by, bx = iy * cy, ix * cx
+                ya, yb, xa, xb = max(y0, by), min(y1, by + cy), max(x0, bx), min(x1, bx + cx)
+                out[ya - y0:yb - y0, xa - x0:xb - x0] = block[within + (slice(ya - by, yb - by),
+                                                                        slice(xa - bx, xb - bx))]
+            return out
+
+    def _fetch(self, clead: tuple[int, ...], missing: list[tuple[int, ...]]) -> dict[tuple[int, ...], np.ndarray]:
+        """Decode the ``missing`` chunks (keys of one leading chunk): one zarr call for their bounding box when
+        they fill it, else one call per chunk; cache them."""
+        iys = [k[-2] for k in missing]
+        ixs = [k[-1] for k in missing]
+        ry, rx = range(min(iys), max(iys) + 1), range(min(ixs), max(ixs) + 1)
+        found: dict[tuple[int, ...], np.ndarray] = {}
+        if len(ry) * len(rx) == len(missing):
+            first, last = self._box(clead + (ry[0], rx[0])), self._box(clead + (ry[-1], rx[-1]))
+            box = tuple(slice(a.start, b.stop) for a, b in zip(first, last))
+            whole = np.asarray(self.arr[box])
+            for k in missing:
+                inner = tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(self._box(k), box))
+                found[k] = whole[inner]
+        else:
+            for k in missing:
+                found[k] = np.asarray(self.arr[self._box(k)])
+        # cache copies (a view would pin the whole fetched box) of as many of the last chunks as the cache holds,
+        # so a large region costs at most the cache's size in copies
+        budget = self._cache_bytes
+        keep = []
+        for k in reversed(missing):
+            budget -= found[k].nbytes
+            if budget < 0:
+                break
+            keep.append(k)
+        for k in missing:
+            self._count(1, found[k].size)
+        for k in reversed(keep):
+            found[k] = block = np.ascontiguousarray(found[k])
+            self._cache[k] = block
+            self._cached += block.nbytes
+        while self._cached > self._cache_bytes:
+            _, old = self._cache.popitem(last=False)
+            self._cached -= old.nbytes
+        return found
+
+
+class ChunkedSource(ImageSource):
+    """A source whose pixels are a zarr array of 2 or more dimensions (leading dimensions are sections, in C
+    order), read through a :class:`ChunkCache`. Subclasses open the array and call :meth:`_init_chunks`."""
+
+    _arr: Any
+    _chunks: ChunkCache
+
+    def _init_chunks(self, arr: Any, cache_bytes: int = _CACHE_BYTES) -> None:
+        super().__init__()
+        self._arr = arr
+        self._lead_shape = tuple(int(n) for n in arr.shape[:-2])
+        self._chunks = ChunkCache(arr, self.stats, cache_bytes)
+
+    def close(self) -> None:
+        self._chunks.clear()
+
+    def _read_full_res(self, section: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        lead = tuple(int(i) for i in np.unravel_index(section, self._lead_shape)) if self._lead_shape else ()
+        try:
+            return self._chunks.read(lead, y0, y1, x0, x1)
+        except InputError:
+            raise
+        except Exception as exc:   # noqa: BLE001 - codec, store, tifffile and zarr errors on corrupt data
+            raise InputError(f"{self.name}: cannot read pixel data; the file may be truncated or corrupt "
+                             f"({type(exc).__name__}: {exc})") from None
+
+
+class TiffSource(ChunkedSource):
+    """First series of a TIFF (full-resolution level), read through tifffile's public zarr interface
+    (``series.aszarr()``, whose chunks are the file's strips or tiles, ``tiledepth`` planes deep for
+    volumetric pages) and a :class:`ChunkCache`, so a region decodes only the strips or tiles it touches.
+
+    A series stored as one contiguous uncompressed block (tifffile's ``series.dataoffset``: e.g. ImageJ stacks,
+    also those over 4 GB with fewer pages than planes, and tifffile's default single-strip uncompressed pages,
+    whose chunks would be whole planes) is memory-mapped instead: a region then reads only its own rows.
     """
 
     def __init__(self, path: Path, name: str, cache_bytes: int = _CACHE_BYTES):
         self.name = name
         self._tif = open_tiff(path, name)
+        self._memmap: np.memmap | None = None
         try:
             try:
                 series = self._tif.series[0]
                 series = series.levels[0] if getattr(series, "levels", None) else series
                 layout = tiff_layout(series, name)
-                self._pages = list(series.pages)
             except InputError:
                 raise
             except READ_ERRORS as exc:
@@ -239,34 +384,33 @@ class TiffSource(ImageSource):
             self.dtype = np.dtype(layout.dtype)
             self.file_shape = (layout.sections, *layout.plane)
             self._series = series
-            self._memmap: np.memmap | None = None
-            self._whole: np.ndarray | None = None
-            first = self._pages[0] if self._pages else None
-            depth = _keyframe(first, name).imagedepth if first is not None else 1
-            if layout.pages == layout.sections and all(p is not None for p in self._pages):
-                self._mode, self._depth = "pages", 1
-            elif depth > 1 and layout.pages * depth == layout.sections:
-                self._mode, self._depth = "pages", depth
-            elif series.dataoffset is not None:
-                self._mode, self._depth = "memmap", 1
-            else:
-                self._mode, self._depth = "whole", 1
+            # contiguous uncompressed data (tifffile's series.dataoffset) is memory-mapped: its zarr chunks are whole
+            # strips, often whole planes, that a small read would have to read completely
+            self._mode = "memmap" if series.dataoffset is not None and self._tif.filehandle.is_file else "zarr"
+            try:
+                import zarr
+            except ImportError as exc:   # an installation problem, not the file's
+                raise ImportError(f"reading TIFF files needs zarr>=3 (tifffile's aszarr): {exc}") from exc
+            try:
+                arr = zarr.open_array(series.aszarr(level=0), mode="r")
+                if int(np.prod(arr.shape, dtype=np.int64)) != int(np.prod(self.file_shape, dtype=np.int64)) \
+                        or tuple(arr.shape[-2:]) != layout.plane:
+                    raise InputError(f"{name}: corrupt TIFF: the image series has shape {tuple(arr.shape)}, its "
+                                     f"pages {series.shape}")
+            except InputError:
+                raise
+            except Exception as exc:   # noqa: BLE001 - tifffile and zarr raise many kinds on corrupt files
+                raise InputError(f"{name}: cannot read as TIFF ({type(exc).__name__}: {exc})") from None
         except BaseException:
             self._tif.close()
             raise
-        self._lock = threading.RLock()
-        self._cache: OrderedDict[tuple[int, int], tuple[np.ndarray | None, tuple[int, ...]]] = OrderedDict()
-        self._cache_bytes = int(cache_bytes)
-        self._cached = 0
-        super().__init__()
+        self._init_chunks(arr, cache_bytes)
 
     def close(self) -> None:
         self._tif.close()
         self._memmap = None
-        self._whole = None
-        self._cache.clear()
+        self._chunks.clear()
 
-    # ---------------------------------------------------------------- reading
     def _read_full_res(self, section: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         if self._mode == "memmap":
             if self._memmap is None:
@@ -279,88 +423,7 @@ class TiffSource(ImageSource):
             self.stats["bytes_read"] += out.nbytes
             self.stats["pixels_decoded"] += out.size
             return out
-        if self._mode == "whole":
-            if self._whole is None:
-                self._whole = np.asarray(self._tif.asarray(series=0)).reshape(self.file_shape)
-                self.stats["pixels_decoded"] += self._whole.size
-                self.stats["segments_decoded"] += len(self._pages)
-            return np.array(self._whole[section, y0:y1, x0:x1])
-        page_index, d = divmod(section, self._depth)
-        page = self._pages[page_index]
-        if page is None:
-            raise InputError(f"{self.name}: corrupt TIFF: page {page_index} of the image series is missing")
-        kf = _keyframe(page, self.name)
-        if kf.is_tiled:
-            th, tw = kf.tilelength, kf.tilewidth
-            td = kf.tiledepth if kf.imagedepth > 1 else 1
-            ny, nx = -(-kf.imagelength // th), -(-kf.imagewidth // tw)
-            dchunk = d // td
-            wanted = [((dchunk * ny) + iy) * nx + ix
-                      for iy in range(y0 // th, (y1 - 1) // th + 1)
-                      for ix in range(x0 // tw, (x1 - 1) // tw + 1)]
-        else:
-            rps = min(kf.rowsperstrip, kf.imagelength)
-            if rps <= 0:
-                raise InputError(f"{self.name}: corrupt TIFF: RowsPerStrip is {kf.rowsperstrip}")
-            per_plane = -(-kf.imagelength // rps)
-            wanted = [d * per_plane + i for i in range(y0 // rps, (y1 - 1) // rps + 1)]
-        out = np.zeros((y1 - y0, x1 - x0), dtype=self.dtype)
-        for index in wanted:
-            seg, (_, sd, sy, sx, _) = self._segment(page_index, page, index)
-            if seg is None:
-                continue   # empty segment: fill value 0
-            seg = seg[d - sd] if seg.shape[0] > 1 else seg[0]
-            seg = seg[..., 0]
-            ya, yb = max(y0, sy), min(y1, sy + seg.shape[0])
-            xa, xb = max(x0, sx), min(x1, sx + seg.shape[1])
-            if ya < yb and xa < xb:
-                out[ya - y0:yb - y0, xa - x0:xb - x0] = seg[ya - sy:yb - sy, xa - sx:xb - sx]
-        return out
-
-    def _segment(self, page_index: int, page, index: int) -> tuple[np.ndarray | None, tuple[int, ...]]:
-        """Decoded segment ``index`` of a page, with its position (sample, depth, y, x, sample); LRU-cached."""
-        key = (page_index, index)
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                return hit
-            offset, count = page.dataoffsets[index], page.databytecounts[index]
-            data = None
-            if offset and count:
-                fh = self._tif.filehandle
-                fh.seek(offset)
-                data = fh.read(count)
-                if len(data) != count:
-                    raise InputError(f"{self.name}: cannot read pixel data; the file is truncated")
-                self.stats["bytes_read"] += count
-            kf = page.keyframe
-            kwargs: dict[str, Any] = {"_fullsize": kf.is_tiled}
-            if kf.compression in {6, 7, 34892, 33007}:   # JPEG variants need the tables
-                kwargs["jpegtables"] = page.jpegtables
-                kwargs["jpegheader"] = kf.jpegheader
-            seg, position, _ = kf.decode(data, index, **kwargs)
-            self.stats["segments_decoded"] += 1
-            if seg is not None:
-                seg = np.asarray(seg).reshape(seg.shape[-4:])   # (depth, length, width, samples)
-                self.stats["pixels_decoded"] += seg.size
-            result = (seg, tuple(int(v) for v in position))
-            nbytes = 0 if seg is None else seg.nbytes
-            if nbytes <= self._cache_bytes:
-                self._cache[key] = result
-                self._cached += nbytes
-                while self._cached > self._cache_bytes:
-                    _, (old, _) = self._cache.popitem(last=False)
-                    self._cached -= 0 if old is None else old.nbytes
-            return result
-
-
-def _keyframe(page: tifffile.TiffPage | tifffile.TiffFrame, name: str) -> tifffile.TiffPage:
-    """The keyframe (the page holding the layout tags) of a page of the series; InputError if it is missing."""
-    kf = page.keyframe
-    if kf is None:
-        raise InputError(f"{name}: corrupt TIFF: a page of the image series has no keyframe")
-    return kf
+        return super()._read_full_res(section, y0, y1, x0, x1)
 
 
 class H5Source(ImageSource):
@@ -514,11 +577,11 @@ def zarr_array_path(path: str | os.PathLike) -> tuple[Path, str]:
     return store_path, inner
 
 
-class ZarrSource(ImageSource):
+class ZarrSource(ChunkedSource):
     """A zarr array of 2 or more dimensions (leading dimensions are sections): an OME-Zarr image's level 0
-    or a named array; zarr reads only the chunks a slice touches."""
+    or a named array; only the chunks a region touches are read (through a :class:`ChunkCache`)."""
 
-    def __init__(self, path: Path, array: str | None, name: str):
+    def __init__(self, path: Path, array: str | None, name: str, cache_bytes: int = _CACHE_BYTES):
         self.name = name
         _, self.array_path, arr, size = _resolve_zarr(name)
         if arr.ndim < 2:
@@ -528,24 +591,10 @@ class ZarrSource(ImageSource):
         except TypeError:
             raise InputError(f"{name}: pixel type {arr.dtype} is not supported") from None
         check_dtype(dtype, name)
-        self._arr = arr
         self.dtype = dtype
         self.file_shape = (int(np.prod(arr.shape[:-2], dtype=np.int64)), int(arr.shape[-2]), int(arr.shape[-1]))
         self.element_size_um = size if size is None or len(size) <= 3 else None
-        super().__init__()
-
-    def _read_full_res(self, section: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        lead = np.unravel_index(section, self._arr.shape[:-2]) if self._arr.ndim > 2 else ()
-        try:
-            out = np.asarray(self._arr[tuple(int(i) for i in lead) + (slice(y0, y1), slice(x0, x1))])
-        except READ_ERRORS:
-            raise
-        except Exception as exc:   # noqa: BLE001 - codec and store errors of zarr
-            raise InputError(f"{self.name}: cannot read pixel data ({type(exc).__name__}: {exc})") from None
-        self.stats["bytes_read"] += out.nbytes
-        self.stats["pixels_decoded"] += out.size
-        self.stats["segments_decoded"] += 1
-        return out
+        self._init_chunks(arr, cache_bytes)
 
 
 #: path form → source class: each splitter returns (container path, inner path) or None; TIFF otherwise. A
@@ -630,7 +679,7 @@ def pixel_size_um(path: str | os.PathLike) -> tuple[float, ...] | None:
                 meta = tif.imagej_metadata or {}
                 per_unit = {"micron": 1.0, "um": 1.0, "µm": 1.0, "\\u00B5m": 1.0, "nm": 1e-3, "nanometer": 1e-3,
                             "mm": 1e3}.get(str(meta.get("unit", "")))
-                tags = tif.pages[0].tags
+                tags = tif.pages.first.tags
                 if per_unit and "XResolution" in tags and "YResolution" in tags:
                     ry, rx = tags["YResolution"].value, tags["XResolution"].value
                     sy, sx = per_unit * ry[1] / ry[0], per_unit * rx[1] / rx[0]
