@@ -159,7 +159,8 @@ def run_hpc_zsem(noisy, config, sets, workdir, tag="run"):
 
 
 # ---------------------------------------------------------------- table
-HEADER = f"{'image':10s} {'σ':>3s} {'seed':>10s} {'method':18s} {'PSNR':>6s} {'SSIM':>6s} {'CPU s':>7s} {'σ learned':>9s}"
+HEADER = (f"{'image':10s} {'σ':>3s} {'seed':>10s} {'method':18s} {'PSNR':>6s} {'SSIM':>6s} {'CPU s':>7s} "
+          f"{'σ learned':>9s}")
 
 
 def row_text(r):
