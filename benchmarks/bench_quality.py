@@ -30,6 +30,9 @@ Methods (all on ONE core: BLAS/OpenMP/torch threads pinned to 1; CPU seconds are
     python benchmarks/bench_quality.py --stability isbi0 --sigmas 25 --configs demo --methods none
     python benchmarks/bench_quality.py --images isbi0,isbi15 --sigmas 0 --configs demo --methods none
                                                  # σ = 0: the clean reference itself (what σ does it learn?)
+    python benchmarks/bench_quality.py --report benchmarks/results/quality_2026-11-30.json more.json
+                                                 # no runs: per method and σ, PSNR per image and mean Δ vs the
+                                                 # baselines, from earlier JSONs (a later file's row wins)
 
 The noise seed of (image, σ) is crc32("<image>/<σ>") + --seed-offset, printed with every case; the same
 noisy image goes to every method. Results are appended to the JSON after every case (a killed run keeps
@@ -194,7 +197,52 @@ def write_json(path, meta, rows, stability):
         os.replace(tmp, path)
 
 
+def load_rows(paths):
+    """Rows of result JSONs (this script's {"rows": …} files, or {"runs": [{"rows": …}, …]} collections); a later
+    row of the same (image, σ, method) replaces an earlier one."""
+    out = {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        for rows in ([run.get("rows", []) for run in data["runs"]] if "runs" in data else [data.get("rows", [])]):
+            for r in rows:
+                if r.get("psnr") is not None:
+                    out[(r["image"], float(r["sigma"]), r["method"])] = r
+    return list(out.values())
+
+
+def report_text(rows):
+    """Per method and σ: PSNR per image, mean Δ PSNR vs each baseline present for every image, mean CPU s and
+    learned σ; the table of ``--report``."""
+    by = {(r["image"], float(r["sigma"]), r["method"]): r for r in rows}
+    images = [i for i in IMAGES if any(k[0] == i for k in by)]
+    lines = [f"{'method':24s} {'σ':>3s} " + " ".join(f"{i:>9s}" for i in images)
+             + "  " + " ".join(f"{'Δ' + b:>9s}" for b in BASELINES) + f" {'CPU s':>7s} {'σ learned':>10s}"]
+    methods = sorted({k[2] for k in by if k[2] != "noisy"}, key=lambda m: (m not in BASELINES, m))
+    for sigma in sorted({k[1] for k in by}):
+        for m in methods:
+            have = [i for i in images if (i, sigma, m) in by]
+            if not have:
+                continue
+            cells = " ".join(f"{by[(i, sigma, m)]['psnr']:9.2f}" if (i, sigma, m) in by else f"{'':>9s}"
+                             for i in images)
+            deltas = []
+            for b in BASELINES:
+                pairs = [(by[(i, sigma, m)]["psnr"], by[(i, sigma, b)]["psnr"]) for i in have if (i, sigma, b) in by]
+                deltas.append(f"{np.mean([a - c for a, c in pairs]):+9.2f}" if len(pairs) == len(have) and m != b
+                              else f"{'':>9s}")
+            cpu = [by[(i, sigma, m)]["cpu_s"] for i in have if by[(i, sigma, m)].get("cpu_s") is not None]
+            sig = [by[(i, sigma, m)]["sigma_learned"] for i in have if by[(i, sigma, m)].get("sigma_learned")]
+            lines.append(f"{m:24s} {sigma:3g} {cells}  {' '.join(deltas)} "
+                         + (f"{np.mean(cpu):7.0f}" if cpu else f"{'':>7s}")
+                         + (f" {min(sig):4.1f}–{max(sig):4.1f}" if sig else ""))
+    return "\n".join(lines) + "\n(Δ: mean over the images the method ran on, PSNR dB, method minus baseline)"
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--report":
+        # python benchmarks/bench_quality.py --report a.json b.json …   (no runs: tabulate earlier results)
+        print(report_text(load_rows(sys.argv[2:])))
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--images", default=",".join(IMAGES), help=f"comma list of {','.join(IMAGES)}")

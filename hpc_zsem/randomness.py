@@ -46,14 +46,20 @@ class PatchRandom:
         self._patch_streams = _mix(np.asarray(patches, dtype=np.uint64) * _GAMMA + _hash(*self._key))
         self._calls = 0
 
-    def _bits(self, size: tuple[int, ...]) -> np.ndarray:
-        if size[0] != self._patch_streams.size:
-            raise ValueError(f"first axis {size[0]} must run over the {self._patch_streams.size} patches")
+    def next_call(self, n_patches: int) -> tuple[np.ndarray, np.uint64]:
+        """Start the next call: (the per-patch streams s_n, the call key c). Element j ≥ 1 of patch n in this
+        call is mix(s_n + c + j·γ) — what :meth:`random`/:meth:`integers` compute here and the compiled
+        kernel (``hpc_zsem.variational.kernel.counter_numbers``) computes in one pass, bit for bit."""
+        if n_patches != self._patch_streams.size:
+            raise ValueError(f"first axis {n_patches} must run over the {self._patch_streams.size} patches")
         self._calls += 1
+        return self._patch_streams, _hash(*self._key, self._calls)
+
+    def _bits(self, size: tuple[int, ...]) -> np.ndarray:
+        streams, call = self.next_call(size[0])
         per_patch = int(np.prod(size[1:], dtype=np.int64))
-        call = _hash(*self._key, self._calls)
         elements = (np.arange(1, per_patch + 1, dtype=np.uint64) * _GAMMA) + call
-        x = self._patch_streams[:, None] + elements[None, :]
+        x = streams[:, None] + elements[None, :]
         return _mix(x).reshape(size)
 
     def random(self, size) -> np.ndarray:

@@ -108,13 +108,10 @@ def _integers(rng, low: int, high: int, size: tuple[int, ...]) -> np.ndarray:
 
 def _counter_call(rng, size: tuple[int, ...], out: np.ndarray, low: int, span: int) -> np.ndarray:
     """One ``PatchRandom`` call (``random``: span 0, else ``integers``) into out, bit for bit as
-    ``PatchRandom._bits`` (its per-patch streams, the call key from (seed, stage, epoch, call number); the call
-    counter advances) but in one compiled pass, split among the kernel threads, instead of numpy passes."""
-    streams = rng._patch_streams
-    if size[0] != streams.size:
-        raise ValueError(f"first axis {size[0]} must run over the {streams.size} patches")
-    rng._calls += 1
-    call = randomness._hash(*rng._key, rng._calls)
+    ``PatchRandom.random``/``integers`` (:meth:`~hpc_zsem.randomness.PatchRandom.next_call`: its per-patch streams
+    and the next call's key; the call counter advances) but in one compiled pass, split among the kernel
+    threads, instead of numpy passes."""
+    streams, call = rng.next_call(size[0])
     flat = out.reshape(size[0], -1)
     run_split(counter_numbers, size[0], streams, call, np.int64(low), np.uint64(span), flat)
     return out
