@@ -32,6 +32,7 @@ log = logging.getLogger("hpc_zsem")
 
 INIT_SAMPLE = 4096   # patches drawn (identically on every rank) for model initialisations that need a sample
 STOP, TIME_DUE = "_stop_requested", "_checkpoint_due"   # control flags summed with the statistics
+FROZEN_E_STEP_COST = 0.25   # seconds of a frozen-Θ E-step per patch relative to a training epoch (progress lines)
 
 
 @dataclass
@@ -188,8 +189,10 @@ class Training:
     def _progress(self, epoch: int, epochs: int, free_energy: float, sigma2: float, accepted: float,
                   seconds: float) -> None:
         per_epoch = float(np.mean(self.history.rows["seconds"]))
-        # the estimation pass: about estimation.epochs E-steps over every patch of the image
-        left = per_epoch * (epochs - epoch + self.config.estimation.epochs * self.data.grid.n_patches / self.n_patches)
+        # the estimation pass: estimation.epochs frozen E-steps over every patch of the image, each about a
+        # quarter of a training epoch (no statistics, no M-step; measured on the demo: 40 in 3 s vs 0.3 s/epoch)
+        estimation = FROZEN_E_STEP_COST * self.config.estimation.epochs * self.data.grid.n_patches / self.n_patches
+        left = per_epoch * (epochs - epoch + estimation)
         states = self.n_patches * (self.config.truncation.S if self.model.name == "sssc" else 1)
         sigma = f"sigma={np.sqrt(sigma2):.4g}" if np.isfinite(sigma2) else "sigma=n/a"
         log.info("epoch %d/%s  F/N=%.6g  %s  accepted=%d (%.2f%%)  %.2fs  %.0f patches/s  left ~%s",
