@@ -1,4 +1,4 @@
-"""Result stores chosen by the form of ``output.path``: a registry of suffix → store class.
+"""Result stores chosen by the form of ``output.path``: a registry of suffix → format (:data:`FORMATS`).
 
 * ``*.zarr`` → :class:`~hpc_zsem.io.zarr_store.ZarrResultStore` (OME-Zarr, NGFF 0.5): every rank holds a
   handle and writes its own tiles (``per_rank_writes = True``);
@@ -14,7 +14,8 @@ the same way (the check of ``output.path`` before any work).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,16 +75,26 @@ class RankZeroStore:
             self.writer.abort()
 
 
-#: suffix of ``output.path`` (lower case) → the store class; any other suffix gets :data:`DEFAULT_STORE`
-RESULT_STORES: dict[str, type] = {".zarr": ZarrResultStore}
-DEFAULT_STORE: type = RankZeroStore
-#: suffix → the check of an output path before any work (existence, --overwrite, ownership)
-OUTPUT_CHECKS = {".zarr": check_zarr_output_path}
+@dataclass(frozen=True)
+class ResultFormat:
+    """Everything that depends on a result's format: the store class that writes it (collective), the check of
+    an output path before any work (existence, --overwrite, ownership), the reader of its shape, params,
+    history and metadata (no image data), and how its images are opened read-only (export)."""
+
+    store: type
+    check_output: Callable[[str | os.PathLike, bool], None]
+    read_summary: Callable[[str | os.PathLike], dict[str, Any]]
+    open_images: Callable[[str | os.PathLike], Any]
 
 
-def store_class(path: str | os.PathLike) -> type:
-    """The store class for an output path (by its suffix)."""
-    return RESULT_STORES.get(Path(path).suffix.lower(), DEFAULT_STORE)
+HDF5 = ResultFormat(RankZeroStore, results.check_output_path, results.read_result_summary, results.open_result)
+#: suffix of the path (lower case) → its format; any other suffix is HDF5
+FORMATS = {".zarr": ResultFormat(ZarrResultStore, check_zarr_output_path, read_zarr_summary, ZarrResultImages)}
+
+
+def result_format(path: str | os.PathLike) -> ResultFormat:
+    """The format a result path selects, by its suffix."""
+    return FORMATS.get(Path(path).suffix.lower(), HDF5)
 
 
 def open_result_store(comm, path: str | os.PathLike, shape: tuple[int, ...], *,
@@ -93,31 +104,23 @@ def open_result_store(comm, path: str | os.PathLike, shape: tuple[int, ...], *,
     """Open the result store for ``path`` on every rank of ``comm`` (collective). ``resume_key`` is read on
     rank 0 (a resumable ``<path>.partial``); ``tile`` is the tile size of the streamed pass (chunks of a zarr
     store divide it)."""
-    return store_class(path)(comm, path, shape, element_size_um=element_size_um, overwrite=overwrite,
-                             resume_key=resume_key, extra=tuple(extra), tile=tile)
+    return result_format(path).store(comm, path, shape, element_size_um=element_size_um, overwrite=overwrite,
+                                     resume_key=resume_key, extra=tuple(extra), tile=tile)
 
 
 def check_output_path(path: str | os.PathLike, overwrite: bool) -> None:
-    """The output check of the store ``path`` selects (see ``hpc_zsem.io.results.check_output_path``)."""
-    OUTPUT_CHECKS.get(Path(path).suffix.lower(), results.check_output_path)(path, overwrite)
-
-
-#: suffix → the reader of a result's shape, params, history and metadata (no image data)
-SUMMARY_READERS = {".zarr": read_zarr_summary}
+    """The output check of the format ``path`` selects (see ``hpc_zsem.io.results.check_output_path``)."""
+    result_format(path).check_output(path, overwrite)
 
 
 def read_result_summary(path: str | os.PathLike) -> dict[str, Any]:
     """Shape, params, history and metadata of the result at ``path``, whichever store wrote it (see
     ``hpc_zsem.io.results.read_result_summary``)."""
-    return SUMMARY_READERS.get(Path(path).suffix.lower(), results.read_result_summary)(path)
-
-
-#: suffix → how a result's images are opened for reading (export); HDF5: the h5py file itself
-IMAGE_READERS: dict[str, Any] = {".zarr": ZarrResultImages}
+    return result_format(path).read_summary(path)
 
 
 def open_result_images(path: str | os.PathLike) -> Any:
     """The result at ``path`` opened read-only as a context manager whose ``[name]`` is image ``name`` (mean,
     variance, input) with ``shape``, ``chunks``, slicing and ``attrs`` — an h5py file for HDF5, a
     :class:`~hpc_zsem.io.zarr_store.ZarrResultImages` for OME-Zarr."""
-    return IMAGE_READERS.get(Path(path).suffix.lower(), results.open_result)(path)
+    return result_format(path).open_images(path)
