@@ -23,7 +23,7 @@ from scipy.linalg import cho_factor, cho_solve
 
 from hpc_zsem.models.base import PatchSummary
 from hpc_zsem.variational.evolution import EvolutionSettings, Scorer, evolve
-from hpc_zsem.variational.kernel import posterior, theta_terms
+from hpc_zsem.variational.kernel import posterior, run_parts, theta_terms
 from hpc_zsem.variational.states import lowest_weight_states, pack
 
 PI_FLOOR = 1e-6            # π stays in [PI_FLOOR, 1 − PI_FLOOR] so that log p(s) stays finite
@@ -124,10 +124,19 @@ class SSSC:
         return theta
 
     def _scorer(self, Y: np.ndarray, params: dict[str, np.ndarray]) -> Scorer:
-        """Θ terms, B = Y W and the per-patch tails −½‖y_n‖²/σ² − D/2·log 2πσ² of a block."""
-        sigma2 = float(params["sigma2"])
-        tails = -0.5 * np.einsum("nd,nd->n", Y, Y) / sigma2 - 0.5 * Y.shape[1] * np.log(2.0 * np.pi * sigma2)
-        return Scorer(self._theta(params), np.ascontiguousarray(Y @ params["W"]), tails)
+        """Θ terms, B = Y W and the per-patch tails −½‖y_n‖²/σ² − D/2·log 2πσ² of a block (by fixed row parts,
+        on the kernel threads: a row of B does not depend on the split)."""
+        sigma2, W = float(params["sigma2"]), params["W"]
+        N, D = Y.shape
+        B, tails = np.empty((N, W.shape[1])), np.empty(N)
+        log_norm = 0.5 * D * np.log(2.0 * np.pi * sigma2)
+
+        def rows(a, b):
+            np.matmul(Y[a:b], W, out=B[a:b])
+            tails[a:b] = -0.5 * np.einsum("nd,nd->n", Y[a:b], Y[a:b]) / sigma2 - log_norm
+
+        run_parts(rows, N)
+        return Scorer(self._theta(params), B, tails)
 
     def e_step(self, Y: np.ndarray, params: dict[str, np.ndarray], K: np.ndarray, rng):
         """Statistics of q(K, Θ) for the M-step and the free energy Σ_n log Σ_{s∈K_n} p(s, y_n), then one
@@ -140,7 +149,8 @@ class SSSC:
         stats = {"S_s": sums[0], "S_sz": sums[1], "S_szsz": pair_sums[0]}
         if self.full_psi:
             stats["S_ss"], stats["T"] = pair_sums[1], pair_sums[2]
-        stats["S_ysz"] = Y.T @ mean_sz
+        stats["S_ysz"] = S_ysz = np.empty((Y.shape[1], self.H))
+        run_parts(lambda a, b: np.matmul(Y[:, a:b].T, mean_sz, out=S_ysz[a:b]), Y.shape[1])   # by pixel rows
         stats["yy"] = np.array(np.einsum("nd,nd->", Y, Y))
         stats["free_energy"] = np.array(log_norm.sum())
         stats["N"] = np.array(float(Y.shape[0]))

@@ -57,8 +57,9 @@ class Scorer(NamedTuple):
 
 class Draws(NamedTuple):
     """The random numbers of one evolutionary E-step, one leading axis entry per generation (padded):
-    selection uniforms (G, N, C), crossover partner steps (G, N, P) and bit choices (G, N, P, H), the mutation's
-    uniform bit (G, N, P·children) and the sparse mutation's flip uniforms (G, N, P·children, H)."""
+    selection uniforms (G, N, C) (for fitness selection log(u + 10⁻³⁰⁰)), crossover partner steps (G, N, P)
+    and bit choices (G, N, P, H), the mutation's uniform bit (G, N, P·children) and the sparse mutation's flip
+    uniforms (G, N, P·children, H)."""
 
     selection: np.ndarray
     partner: np.ndarray
@@ -69,16 +70,18 @@ class Draws(NamedTuple):
 
 def draw(rng, settings: EvolutionSettings, N: int, C0: int, H: int, generations: int) -> Draws:
     """Draw every random number the search uses, generation by generation in this order (the order and shapes
-    of the numpy E-step, so the streams are unchanged): the selection keys' uniforms (N, C) (fitness/uniform
-    with fewer parents than the population C), the crossover's partner steps in [1, P) (N, P) and uniforms
-    (N, P, H) (with P ≥ 2 parents), the uniformly chosen bit in [0, H) of each child (N, P·children), and for
-    the sparse mutation the flip uniforms (N, P·children, H)."""
+    of the numpy E-step, so the streams are unchanged): the selection keys' uniforms u (N, C) (fitness/uniform
+    with fewer parents than the population C; for fitness their log(u + 10⁻³⁰⁰)), the crossover's partner steps
+    in [1, P) (N, P) and uniforms (N, P, H) (with P ≥ 2 parents), the uniformly chosen bit in [0, H) of each
+    child (N, P·children), and for the sparse mutation the flip uniforms (N, P·children, H)."""
     per_generation = []
     C = C0
     for _ in range(generations):
         P = min(settings.parents, C)
         kids = P * settings.children
         selection = (_uniforms(rng, (N, C)) if P < C and settings.selection != "best" else np.empty((N, 0)))
+        if settings.selection == "fitness" and selection.size:      # the fitness keys' log u (vectorised numpy)
+            run_split(lambda a, b: np.log(selection[a:b] + 1e-300, out=selection[a:b]), N)
         if settings.crossover and P >= 2:
             partner, crossover = _integers(rng, 1, P, (N, P)), _uniforms(rng, (N, P, H))
         else:

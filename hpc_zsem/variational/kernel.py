@@ -6,17 +6,20 @@ Maths (DESIGN.md §1.1). A packed state s with active set A (k = |A|), G = WᵀW
     M_A = Ψ_AA⁻¹ + G_AA/σ²,   c_A = Ψ_AA⁻¹ μ_A,   r = c_A + b_A/σ²,   m = M_A⁻¹ r
     log p(y_n, s) = const_A + ½ rᵀm + tail_n
     const_A = log p(s) − ½ log det Ψ_AA − ½ log det M_A − ½ μ_Aᵀ c_A,   tail_n = −½ ‖y_n‖²/σ² − D/2·log(2πσ²)
-The state-only terms (M_A⁻¹, c_A, const_A) of every state with k ≤ 2 are tabulated once per Θ (``theta_terms``);
-states with k > 2 (≈2 % of the truncated sets' states, ≈30 % of the children) are factorised where they occur:
-a square-root-free Cholesky factorisation M_A = L D Lᵀ for the log-joint, a Cholesky factor and its inverse
-where the statistics need M_A⁻¹.
+The state-only terms (M_A⁻¹, c_A, const_A) of every state with k ≤ 2 are tabulated once per Θ (``theta_terms``) in
+one table, the single-unit and empty states as pairs with exact zeros, so that one branch-free closed form scores
+and accumulates every k ≤ 2 state (≈ 97 % of the truncated sets' states, ≈ 60 % of the children). States with
+k > 2 are factorised where they occur: a square-root-free Cholesky factorisation M_A = L D Lᵀ for the log-joint
+(unrolled for k = 3), a Cholesky factor and its inverse where the statistics need M_A⁻¹.
 
-The kernels release the GIL; ``run_split`` splits a block's patches among ``set_threads(n)`` Python threads. A
-patch's results never depend on which thread handles it, and the statistics are summed over a fixed number of
-parts of the block, added in a fixed order, so results do not depend on the thread count. The random numbers
-are drawn before the search (``hpc_zsem.variational.evolution``) in the order and shapes the numpy E-step used —
-those of a ``PatchRandom`` bit for bit by ``counter_numbers`` — so the truncated sets are exactly those of that
-E-step. Orders (parent selection, the S best) come from rank counting (``_top_ranked``), not sorting.
+The kernels release the GIL; ``run_split`` splits a block's patches among ``set_threads(n)`` Python threads, and
+``run_parts`` runs the block's BLAS products (B = Y W, Yᵀ⟨s⊙z⟩) by fixed parts on the same threads. A patch's
+results never depend on which thread handles it, and the statistics are summed over a fixed number of parts of
+the block, added in a fixed order, so results do not depend on the thread count. The random numbers are drawn
+before the search (``hpc_zsem.variational.evolution``) in the order and shapes the numpy E-step used — those of a
+``PatchRandom`` bit for bit by ``counter_numbers`` — so the truncated sets are exactly those of that E-step.
+Orders (parent selection, the S best) come from rank counting (``_top_ranked``), not sorting; duplicates are found
+by a vectorised comparison of 64-bit fingerprints (``_deduplicate``).
 """
 from __future__ import annotations
 
@@ -51,6 +54,30 @@ def _float_bits(typingctx, x):
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.IntType(64))
     return types.int64(types.float64), codegen
+
+
+@intrinsic
+def _popcount(typingctx, x):
+    """The number of set bits of the uint64 x (one instruction)."""
+    def codegen(context, builder, signature, args):
+        return builder.zext(builder.ctpop(args[0]), ir.IntType(64))
+    return types.int64(types.uint64), codegen
+
+
+@njit(**INLINE)
+def _first_two(words, row):
+    """(k, h, l) of the packed state words[row]: its number of active units k, its first active unit h and its
+    second l (l = h if k = 1; h = l = 0 if k = 0), without branches on k (the loop runs over the words)."""
+    k, h, l = 0, 0, 0
+    for w in range(words.shape[1]):
+        x = words[row, w]
+        count = _popcount(x)
+        first = 64 * w + np.int64(trailing_zeros(x | (_ONE << np.uint64(63))))
+        second = 64 * w + np.int64(trailing_zeros((x & (x - _ONE)) | (_ONE << np.uint64(63))))
+        h = first if (k == 0) & (count > 0) else h
+        l = second if (k == 0) & (count > 1) else (first if (k == 1) & (count > 0) else l)
+        k += count
+    return k, h, (h if k == 1 else l)
 
 
 @njit(**INLINE)
@@ -123,8 +150,8 @@ def _inverse_from_cholesky(L, k, out):
 
 # ----------------------------------------------------------------------------------------------- state terms
 # θ = (Ψ as (1, H) or (H, H), G/σ², μ, log-odds, [σ², log p(0)], per-unit diag-Ψ terms (H, 4) [1/ψ_h, μ_h/ψ_h,
-#      log ψ_h, μ_h²/ψ_h], the k = 1 table (H, 3), the k = 2 table (H(H−1)/2, 6)) — see ``theta_terms``.
-@njit(**JIT)
+#      log ψ_h, μ_h²/ψ_h], the table of the states with k ≤ 2 (H(H+1)/2 + 1, 6), see ``_tabulate``).
+@njit(**INLINE)
 def _precision(psi, G_scaled, mu, unit, log_odds, log_p0, A, k, M, tmp, c):
     """M[:k, :k] = M_A = Ψ_AA⁻¹ + G_AA/σ², c = Ψ_AA⁻¹ μ_A (Ψ diagonal: from the per-unit terms; full: from the
     Cholesky factor of Ψ_AA, ``tmp`` is k×k scratch); returns the state-only part of the log-joint without its
@@ -171,7 +198,7 @@ def _state_terms(theta, A, k, work, tmp, cov, c):
     return const - 0.5 * logdet_M
 
 
-@njit(**JIT)
+@njit(**INLINE)
 def _solve_state(psi, G_scaled, mu, unit, log_odds, scalars, b, A, k, work, tmp, c, m, row, means):
     """const_A + ½ rᵀm for one patch (b = Wᵀy) and a state with k > 2 active units A[:k], with r = c + b_A/σ²
     and (with ``means``) m = M_A⁻¹ r into m[row, :k] (else m[row] is scratch), by the square-root-free Cholesky
@@ -210,33 +237,39 @@ def _solve_state(psi, G_scaled, mu, unit, log_odds, scalars, b, A, k, work, tmp,
     return (const - 0.5 * log_det) + 0.5 * rm
 
 
-@njit(**JIT)
-def _pair_index(h, l, H):
-    """Position of the unit pair h < l in the row-major upper triangle of an H×H matrix."""
-    return h * H - (h * (h + 1)) // 2 + (l - h - 1)
+@njit(**INLINE)
+def _pair_row(h, l, H):
+    """Row of the state {h, l} (h ≤ l; h = l: the single-unit state {h}) in the table of states with k ≤ 2: the
+    row-major upper triangle of an H×H matrix, diagonal included; the empty state is row H(H+1)/2."""
+    return h * H - (h * (h - 1)) // 2 + (l - h)
 
 
 @njit(**JIT)
-def _tabulate(theta, unit, one, two, scratch):
-    """The per-unit diagonal-Ψ terms (``unit``), and the state terms of every state with one active unit (rows
-    (cov, c, const) of ``one``) and with two (rows (cov₀₀, cov₀₁, cov₁₁, c₀, c₁, const) of ``two``, at
-    ``_pair_index``)."""
+def _tabulate(theta, unit, pairs, scratch):
+    """The per-unit diagonal-Ψ terms (``unit``), and per state with k ≤ 2 active units the row
+    (cov₀₀, cov₀₁, cov₁₁, c₀, c₁, const) of ``pairs`` at ``_pair_row``: a pair {h < l} its 2×2 M_A⁻¹, c_A and
+    const_A; a single unit {h} (row (h, h)) (M_A⁻¹, 0, 0, c_A, 0, const_A); the empty state zeros and log p(0).
+    With these zeros the k ≤ 2 forms of ``_score`` and ``_accumulate`` give for k = 1 and k = 0 exactly
+    (bit for bit) the one-unit and empty-state values, with no branch on k."""
     psi, mu = theta[0], theta[2]
-    H = one.shape[0]
+    H = unit.shape[0]
     if psi.shape[0] == 1:
         for h in range(H):
             unit[h, 0], unit[h, 1], unit[h, 2] = 1.0 / psi[0, h], mu[h] / psi[0, h], np.log(psi[0, h])
             unit[h, 3] = mu[h] * unit[h, 1]
     A, work, tmp, cov, c = scratch
+    pairs[:] = 0.0
+    pairs[H * (H + 1) // 2, 5] = theta[4][1]
     for h in range(H):
         A[0] = h
+        t = _pair_row(h, h, H)
         const = _state_terms(theta, A, 1, work, tmp, cov, c)
-        one[h, 0], one[h, 1], one[h, 2] = cov[0, 0], c[0], const
+        pairs[t, 0], pairs[t, 3], pairs[t, 5] = cov[0, 0], c[0], const
         for l in range(h + 1, H):
             A[1] = l
             const = _state_terms(theta, A, 2, work, tmp, cov, c)
-            t = _pair_index(h, l, H)
-            two[t, 0], two[t, 1], two[t, 2], two[t, 3], two[t, 4], two[t, 5] = (
+            t = _pair_row(h, l, H)
+            pairs[t, 0], pairs[t, 1], pairs[t, 2], pairs[t, 3], pairs[t, 4], pairs[t, 5] = (
                 cov[0, 0], cov[0, 1], cov[1, 1], c[0], c[1], const)
 
 
@@ -247,8 +280,8 @@ def theta_terms(G, sigma2, psi, mu, log_odds, log_p0):
     theta = (np.ascontiguousarray(psi.reshape(1, H) if psi.ndim == 1 else psi, dtype=np.float64),
              np.ascontiguousarray(G / sigma2, dtype=np.float64), np.ascontiguousarray(mu, dtype=np.float64),
              np.ascontiguousarray(log_odds, dtype=np.float64), np.array([sigma2, log_p0], dtype=np.float64),
-             np.zeros((H, 4)), np.empty((H, 3)), np.empty((H * (H - 1) // 2, 6)))
-    _tabulate(theta, theta[5], theta[6], theta[7], _scratch(2))
+             np.zeros((H, 4)), np.empty((H * (H + 1) // 2 + 1, 6)))
+    _tabulate(theta, theta[5], theta[6], _scratch(2))
     return theta
 
 
@@ -260,6 +293,7 @@ def _scratch(H):
 def _candidates(C, W, H):
     """Buffers of C scored candidates of a patch: states (C, W), rows 0…C−1, log-joints, active units
     (C, H), their counts k, posterior means m (C, H)."""
+    H = max(H, 2)                       # k ≤ 2 states keep (h, l) and (m₀, m₁) whatever H
     return (np.empty((C, W), dtype=np.uint64), np.arange(C), np.empty(C), np.empty((C, H), dtype=np.int64),
             np.empty(C, dtype=np.int64), np.empty((C, H)))
 
@@ -267,42 +301,39 @@ def _candidates(C, W, H):
 @njit(**JIT)
 def _score(theta, B, n, tail, cand, rows, count, lpj, units, ks, moments, scratch, means):
     """For the candidates c = rows[:count] of patch n: lpj[c] = log p(y_n, cand[c]) = const_A + ½ rᵀm + tail
-    with r = c_A + b_A/σ², m = M_A⁻¹ r (b = B[n] = Wᵀy_n); also ks[c] = k, units[c, :k] = A and, with
-    ``means``, moments[c, :k] = m. States with k ≤ 2 use the tables (closed forms), others an L D Lᵀ
-    factorisation (``_solve_state``)."""
-    psi, G_scaled, mu, log_odds, scalars, unit, one, two = theta
-    sigma2, log_p0 = scalars[0], scalars[1]
+    with r = c_A + b_A/σ², m = M_A⁻¹ r (b = B[n] = Wᵀy_n); also ks[c] = k, units[c, :k] = A (for k ≤ 2:
+    units[c, :2] = (h, l) as in ``_first_two``) and, with ``means``, moments[c, :k] = m (k ≤ 2: moments[c, :2],
+    zeros for absent units). States with k ≤ 2 take one branch-free closed form on the ``pairs`` table, others
+    an L D Lᵀ factorisation (``_solve_state``)."""
+    psi, G_scaled, mu, log_odds, scalars, unit, pairs = theta
+    sigma2 = scalars[0]
     A, work, tmp, _, cvec = scratch
-    H = one.shape[0]
+    H = unit.shape[0]
+    empty = H * (H + 1) // 2
     b = B[n]
     for i in range(count):
         c = rows[i]
-        k = _active_units(cand, c, units)
+        k, h, l = _first_two(cand, c)
         ks[c] = k
-        if k == 0:
-            value = log_p0
-        elif k == 1:
-            h = units[c, 0]
-            r0 = one[h, 1] + b[h] / sigma2
-            m0 = one[h, 0] * r0
-            if means:
-                moments[c, 0] = m0
-            value = one[h, 2] + 0.5 * (r0 * m0)
-        elif k == 2:
-            h, l = units[c, 0], units[c, 1]
-            t = _pair_index(h, l, H)
-            r0 = two[t, 3] + b[h] / sigma2
-            r1 = two[t, 4] + b[l] / sigma2
-            m0 = two[t, 0] * r0 + two[t, 1] * r1
-            m1 = two[t, 1] * r0 + two[t, 2] * r1
-            if means:
-                moments[c, 0], moments[c, 1] = m0, m1
-            value = two[t, 5] + 0.5 * (r0 * m0 + r1 * m1)
+        if k <= 2:
+            t = _pair_row(h, l, H) if k > 0 else empty
+            r0 = pairs[t, 3] + b[h] / sigma2
+            r1 = pairs[t, 4] + b[l] / sigma2
+            m0 = pairs[t, 0] * r0 + pairs[t, 1] * r1
+            m1 = pairs[t, 1] * r0 + pairs[t, 2] * r1
+            units[c, 0], units[c, 1] = h, l
+            moments[c, 0], moments[c, 1] = m0, m1
+            value = pairs[t, 5] + 0.5 * (r0 * m0 + r1 * m1)
         else:
+            _active_units(cand, c, units)
             for j in range(k):
                 A[j] = units[c, j]
-            value = _solve_state(psi, G_scaled, mu, unit, log_odds, scalars, b, A, k, work, tmp, cvec, moments, c,
-                                 means)
+            if k == 3:      # most k > 2 states: the same arithmetic, unrolled for a constant k (no loop branches)
+                value = _solve_state(psi, G_scaled, mu, unit, log_odds, scalars, b, A, 3, work, tmp, cvec, moments, c,
+                                     means)
+            else:
+                value = _solve_state(psi, G_scaled, mu, unit, log_odds, scalars, b, A, k, work, tmp, cvec, moments, c,
+                                     means)
         lpj[c] = value + tail
 
 
@@ -311,28 +342,51 @@ def _score(theta, B, n, tail, cand, rows, count, lpj, units, ks, moments, scratc
 def _accumulate(theta, n, q, S, units, ks, moments, scratch, part, mean_sz, sums, pair_sums):
     """Add the posterior moments of patch n's S states, weighted by q[s] = q_n(s), to ⟨s⊙z⟩_n (mean_sz[n])
     and, when ``sums`` has H columns, to the M-step sums of ``part``: S_s += q s, S_sz += q m,
-    S_szsz += q (M_A⁻¹ + m mᵀ), and for a full Ψ S_ss += q s sᵀ, T_hh' += q s_h m_h'."""
-    one, two = theta[6], theta[7]
+    S_szsz += q (M_A⁻¹ + m mᵀ), and for a full Ψ S_ss += q s sᵀ, T_hh' += q s_h m_h'. States with k ≤ 2 add
+    their (h, l) terms from the ``pairs`` row without a branch on k: the absent units' terms are exact zeros
+    (0·q), so the sums are bit for bit those of adding the present units only."""
+    pairs = theta[6]
     A, work, tmp, cov, c = scratch
-    H = one.shape[0]
+    H = theta[5].shape[0]
+    empty = H * (H + 1) // 2
     stats = sums.shape[2] > 0
     full = pair_sums.shape[1] == 3
     mean, first, second = mean_sz[n], sums[part], pair_sums[part]
     for s in range(S):
         k, qs, active, m = ks[s], q[s], units[s], moments[s]
+        if k <= 2:
+            h, l, m0, m1 = active[0], active[1], m[0], m[1]
+            mean[h] += qs * m0
+            mean[l] += qs * m1
+            if stats:
+                t = _pair_row(h, l, H) if k > 0 else empty
+                one, two = qs * (k >= 1), qs * (k >= 2)         # q for a present unit (h, resp. l), else 0
+                first[0, h] += one
+                first[0, l] += two
+                first[1, h] += qs * m0
+                first[1, l] += qs * m1
+                cross = qs * (pairs[t, 1] + m0 * m1)
+                second[0, h, h] += qs * (pairs[t, 0] + m0 * m0)
+                second[0, h, l] += cross
+                second[0, l, h] += cross
+                second[0, l, l] += qs * (pairs[t, 2] + m1 * m1)
+                if full:
+                    second[1, h, h] += one
+                    second[1, h, l] += two
+                    second[1, l, h] += two
+                    second[1, l, l] += two
+                    second[2, h, h] += qs * m0
+                    second[2, h, l] += qs * m1
+                    second[2, l, h] += two * m0
+                    second[2, l, l] += qs * m1
+            continue
         for i in range(k):
             mean[active[i]] += qs * m[i]
-        if not stats or k == 0:
+        if not stats:
             continue
-        if k == 1:
-            cov[0, 0] = one[active[0], 0]
-        elif k == 2:
-            t = _pair_index(active[0], active[1], H)
-            cov[0, 0], cov[0, 1], cov[1, 0], cov[1, 1] = two[t, 0], two[t, 1], two[t, 1], two[t, 2]
-        else:
-            for i in range(k):
-                A[i] = active[i]
-            _state_terms(theta, A, k, work, tmp, cov, c)
+        for i in range(k):
+            A[i] = active[i]
+        _state_terms(theta, A, k, work, tmp, cov, c)
         for i in range(k):
             h = active[i]
             first[0, h] += qs
@@ -360,10 +414,7 @@ def posterior_parts(theta, B, tails, K, want, first, last, lpj, log_norm, mean_s
         sums[part] = 0.0
         pair_sums[part] = 0.0
         for n in range(part * N // P, (part + 1) * N // P):
-            for s in range(S):
-                for w in range(W):
-                    cand[s, w] = K[n, s, w]
-            _score(theta, B, n, tails[n], cand, rows, S, values, units, ks, moments, scratch, want >= 1)
+            _score(theta, B, n, tails[n], K[n], rows, S, values, units, ks, moments, scratch, want >= 1)
             top = -np.inf
             for s in range(S):
                 lpj[n, s] = values[s]
@@ -428,12 +479,12 @@ def _top_ranked(codes, count, first, slots):
 
 
 @njit(**JIT)
-def _select(lpj, start, C, n_parents, rule, u, g, n, slots, out):
+def _select(lpj, start, C, n_parents, rule, u, g, n, keys, out):
     """The n_parents population members (lpj[start:start+C]) with the largest keys, largest first, ties by
-    index (the order of ``argsort(−keys)``): keys lpj (best), u (uniform), or log(u)/(lpj − min lpj + 1)
-    (fitness: Efraimidis–Spirakis sampling without replacement ∝ lpj − min + 1), with u = u[g, n]; all members
-    in order if n_parents ≥ C. ``out`` (≥ C) also holds the keys' order codes, ``slots`` (≥ n_parents) the
-    ranked members until they are copied into out. Returns the number selected."""
+    index (the order of ``argsort(−keys)``), into out: keys lpj (best), u (uniform), or log(u)/(lpj − min lpj + 1)
+    (fitness: Efraimidis–Spirakis sampling without replacement ∝ lpj − min + 1, ``u`` holding log(u + 10⁻³⁰⁰)),
+    with u = u[g, n]; all members in order if n_parents ≥ C. ``keys`` (≥ C) is scratch for the keys' order
+    codes. Returns the number selected."""
     if n_parents >= C:
         for i in range(C):
             out[i] = i
@@ -447,11 +498,9 @@ def _select(lpj, start, C, n_parents, rule, u, g, n, slots, out):
         elif rule == 1:
             key = u[g, n, i]
         else:
-            key = np.log(u[g, n, i] + 1e-300) / ((lpj[start + i] - low) + 1.0)
-        out[i] = _order_code(key)
-    _top_ranked(out, C, n_parents, slots)
-    for r in range(n_parents):
-        out[r] = slots[r]
+            key = u[g, n, i] / ((lpj[start + i] - low) + 1.0)
+        keys[i] = _order_code(key)
+    _top_ranked(keys, C, n_parents, out)
     return n_parents
 
 
@@ -515,52 +564,84 @@ def _make_children(cand, start, chosen, P, n_children, end, H, crossover, mutati
 
 
 @njit(**JIT)
-def _deduplicate(cand, first, last, table, rep, todo):
+def _deduplicate(cand, first, last, prints, rep, todo):
     """rep[c] = the first candidate equal to cand[c] (c itself for a new state, then listed in todo) for c in
-    first … last−1, found in an open-addressing hash table of candidate indices (linear probing, size a power of
-    two, −1 = empty) that every new state joins; returns the number of new states."""
-    count, mask = 0, table.shape[0] - 1
+    first … last−1; returns the number of new states. Each candidate's 64-bit fingerprint (its word for H ≤ 64,
+    else a multiplicative hash of its words) goes into prints[c]; the earlier candidates' fingerprints are
+    compared with it in one vectorised pass (a count of matches, 8 per instruction), and only a match (a
+    duplicate, or for H > 64 a rare collision) looks for the first equal state. O(C²) comparisons per patch,
+    like the rank counting; for C up to a few hundred candidates cheaper than hashing them one by one."""
+    count, W = 0, cand.shape[1]
     for c in range(first, last):
-        x = np.uint64(0)
-        for w in range(cand.shape[1]):
+        x = cand[c, 0]
+        for w in range(1, W):
             x = (x ^ cand[c, w]) * _GAMMA
             x ^= x >> np.uint64(29)
-        slot = np.int64(x >> np.uint64(40)) & mask
+        prints[c] = x
+        matches = 0
+        for j in range(c):
+            matches += prints[j] == x
         rep[c] = c
-        while table[slot] >= 0:
-            j = table[slot]
-            same = True
-            for w in range(cand.shape[1]):
-                if cand[j, w] != cand[c, w]:
-                    same = False
-                    break
-            if same:
-                rep[c] = j
-                break
-            slot = (slot + 1) & mask
+        if matches:
+            for j in range(c):
+                if prints[j] == x:
+                    same = True
+                    for w in range(W):
+                        if cand[j, w] != cand[c, w]:
+                            same = False
+                            break
+                    if same:
+                        rep[c] = j
+                        break
         if rep[c] == c:
-            table[slot] = c
             todo[count] = c
             count += 1
     return count
 
 
 @njit(**JIT)
-def _keep_best(cand, lpj, rep, count, n, codes, members, slots, new_K, new_lpj):
-    """new_K[n], new_lpj[n] = the S best distinct of the count candidates, best first, ties by index (the order
-    of a stable sort by −log-joint), the first occurrence standing for its duplicates, which follow in
-    candidate order if fewer than S are distinct. Returns how many come from beyond the first S candidates."""
+def _keep_best(cand, lpj, rep, count, C0, n, codes, members, order, new_K, new_lpj):
+    """new_K[n], new_lpj[n] = the S best distinct of the count candidates (the first C0 of them the parents),
+    best first, ties by index (the order of a stable sort by −log-joint), the first occurrence standing for
+    its duplicates, which follow in candidate order if fewer than S are distinct. Returns how many come from
+    beyond the first S candidates. The distinct parents are ranked (``_top_ranked``; not at all when they are in
+    order already, as after a frozen-Θ step); only the children that beat the S-th best parent can enter, and
+    they are ranked among themselves and merged in (a parent first on ties: it has the lower index)."""
     S = new_K.shape[1]
-    distinct = 0
-    for i in range(count):
+    parents = 0
+    for i in range(C0):
         if rep[i] == i:
-            codes[distinct] = _order_code(lpj[i])
-            members[distinct] = i
-            distinct += 1
-    _top_ranked(codes, distinct, S, slots)
-    for r in range(min(S, distinct)):
-        slots[r] = members[slots[r]]
-    r = distinct
+            codes[parents] = _order_code(lpj[i])
+            members[parents] = i
+            parents += 1
+    in_order = True
+    for i in range(1, parents):
+        in_order &= codes[i - 1] >= codes[i]
+    if in_order:
+        for i in range(parents):
+            order[i] = i
+    else:
+        _top_ranked(codes, parents, parents, order)
+    bar = codes[order[S - 1]] if parents >= S else np.iinfo(np.int64).min
+    entrants = parents
+    for i in range(C0, count):
+        if rep[i] == i:
+            code = _order_code(lpj[i])
+            if code > bar:
+                codes[entrants] = code
+                members[entrants] = i
+                entrants += 1
+    _top_ranked(codes[parents:], entrants - parents, entrants - parents, order[parents:])
+    a, b, r = 0, parents, 0
+    slots = order[entrants:]                          # the merged ranking, as candidate indices
+    while r < S and (a < parents or b < entrants):
+        if b == entrants or (a < parents and codes[order[a]] >= codes[parents + order[b]]):
+            slots[r] = members[order[a]]
+            a += 1
+        else:
+            slots[r] = members[parents + order[b]]
+            b += 1
+        r += 1
     for i in range(count):
         if r < S and rep[i] != i:
             slots[r] = i
@@ -588,14 +669,12 @@ def evolve_range(first, last, K, lpj_K, known, n_parents, n_children, generation
     them come from beyond the first S candidates into accepted."""
     C0, W = K.shape[1], K.shape[2]
     cand, _, lpj, units, ks, moments = buffers
-    rep, todo, table, chosen, codes, slots, parents, crossed = search
+    rep, todo, prints, chosen, codes, slots, parents, crossed = search
     for n in range(first, last):
-        for i in range(table.shape[0]):
-            table[i] = -1
         for i in range(C0):
             for w in range(W):
                 cand[i, w] = K[n, i, w]
-        count = _deduplicate(cand, 0, C0, table, rep, todo)
+        count = _deduplicate(cand, 0, C0, prints, rep, todo)
         if known:
             for i in range(C0):
                 lpj[i] = lpj_K[n, i]
@@ -608,13 +687,13 @@ def evolve_range(first, last, K, lpj_K, known, n_parents, n_children, generation
                     lpj[c] = lpj[rep[c]]
             if g == generations:
                 break
-            P = _select(lpj, start, end - start, n_parents, rule, sel_u, g, n, slots, chosen)
+            P = _select(lpj, start, end - start, n_parents, rule, sel_u, g, n, codes, chosen)
             _make_children(cand, start, chosen, P, n_children, end, H, crossover, mutation, rho, g, n, cross_step,
                            cross_u, flip_bit, flip_u, parents, crossed)
             start, end = end, end + P * n_children
-            count = _deduplicate(cand, start, end, table, rep, todo)
+            count = _deduplicate(cand, start, end, prints, rep, todo)
             _score(theta, B, n, tails[n], cand, todo, count, lpj, units, ks, moments, scratch, False)
-        accepted[n] = _keep_best(cand, lpj, rep, end, n, codes, chosen, slots, new_K, new_lpj)
+        accepted[n] = _keep_best(cand, lpj, rep, end, C0, n, codes, chosen, slots, new_K, new_lpj)
 
 
 # ----------------------------------------------------------------------------------------------- random numbers
@@ -671,6 +750,20 @@ def run_split(kernel, n_items: int, *args) -> None:
     list(_pool.map(lambda i: kernel(bounds[i], bounds[i + 1], *args), range(_threads)))
 
 
+def run_parts(work, n_items: int, parts: int = STATS_PARTS) -> None:
+    """work(a, b) for each of ``parts`` fixed contiguous ranges [a, b) of [0, n_items) (fewer when n_items <
+    2·parts, so that every range has ≥ 2 items: a BLAS product of one row takes another code path), the ranges
+    shared among the threads. The ranges never depend on the thread count, so neither do the results."""
+    count = max(1, min(parts, n_items // 2))
+    bounds = [p * n_items // count for p in range(count + 1)]
+
+    def some(first, last):
+        for p in range(first, last):
+            work(bounds[p], bounds[p + 1])
+
+    run_split(some, count)
+
+
 def posterior(theta, B, tails, K, want: int):
     """Log-joints (N, S) of the truncated sets K (N, S, W), log Σ_s p(s, y_n) (N,), and with want ≥ 1
     ⟨s⊙z⟩ (N, H), with want = 2 also [S_s, S_sz] (2, H) and [S_szsz, (S_ss, T)] (1 or 3, H, H), summed over a
@@ -710,7 +803,6 @@ def search(K, lpj, n_parents: int, n_children: int, generations: int, rule: int,
     for _ in range(generations):
         population = min(n_parents, population) * n_children
         C += population
-    capacity = 1 << int(2 * C - 1).bit_length()          # a power of two ≥ 2C: a sparse hash table
     known = lpj is not None
     K = np.ascontiguousarray(K, dtype=np.uint64)
     lpj = np.ascontiguousarray(lpj if known else np.empty((N, 0)), dtype=np.float64)
@@ -719,8 +811,8 @@ def search(K, lpj, n_parents: int, n_children: int, generations: int, rule: int,
 
     def work(first, last):
         index = lambda size: np.empty(size, dtype=np.int64)         # noqa: E731
-        buffers = (index(C), index(C), index(capacity), index(C), index(C), index(C), np.empty((P, W), dtype=np.uint64),
-                   np.empty((P, W), dtype=np.uint64))
+        buffers = (index(C), index(C), np.empty(C, dtype=np.uint64), index(C), index(C), index(2 * C),
+                   np.empty((P, W), dtype=np.uint64), np.empty((P, W), dtype=np.uint64))
         evolve_range(first, last, K, lpj, known, n_parents, n_children, generations, rule, mutation, crossover, rho,
                      H, *draws, theta, B, tails, new_K, new_lpj, accepted, _scratch(H), _candidates(C, W, H), buffers)
 
