@@ -13,13 +13,15 @@ from hpc_zsem.variational.states import pack, unpack
 
 @njit
 def select_rows(lpj, n_parents, rule, u):
-    """kernel._select for every row of lpj (N, C) with uniforms u (N, C)."""
+    """kernel._select for every row of lpj (N, C) with uniforms u (N, C) (as ``draw`` gives them: log(u + 10⁻³⁰⁰)
+    for fitness selection)."""
     N, C = lpj.shape
     out = np.empty((N, min(n_parents, C)), dtype=np.int64)
-    keys, chosen = np.empty(n_parents), np.empty(max(n_parents, C), dtype=np.int64)
+    keys, chosen = np.empty(C, dtype=np.int64), np.empty(max(n_parents, C), dtype=np.int64)
     flat = lpj.ravel()
+    drawn = np.log(u + 1e-300) if rule == 0 else u
     for n in range(N):
-        count = kernel._select(flat, n * C, C, n_parents, rule, u.reshape(1, N, C), 0, n, keys, chosen)
+        count = kernel._select(flat, n * C, C, n_parents, rule, drawn.reshape(1, N, C), 0, n, keys, chosen)
         out[n] = chosen[:count]
     return out
 

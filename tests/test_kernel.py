@@ -224,31 +224,10 @@ def test_keep_best_with_tied_log_joints_equals_the_numpy_order():
             cand[:C0], lpj[:C0] = cand[:C0][order], lpj[:C0][order]
             rep = first_occurrence(cand[None])[0]
         new_K, new_lpj = np.empty((1, S, 1), dtype=np.uint64), np.empty((1, S))
-        index = lambda size=C: np.empty(size, dtype=np.int64)                  # noqa: E731
-        accepted = kernel._keep_best(cand, lpj, rep, C, C0, 0, index(), index(), index(2 * C), new_K, new_lpj)
+        index = lambda: np.empty(C, dtype=np.int64)                             # noqa: E731
+        accepted = kernel._keep_best(cand, lpj, rep, C, C0, 0, index(), index(), index(), new_K, new_lpj)
         order, expected_accepted = best_distinct(cand[None], lpj[None], S)
         np.testing.assert_array_equal(new_K[0, :, 0], cand[order[0], 0])
         np.testing.assert_array_equal(new_lpj[0], lpj[order[0]])
         assert accepted == expected_accepted
 
-
-def test_deduplicate_finds_the_first_equal_state_of_every_candidate():
-    """rep[c] = the first candidate equal to cand[c] and todo lists the new ones, for one- and multi-word states
-    (fingerprints: the word itself, or a hash of the words), also when the candidates come in two calls (parents,
-    then children checked against all earlier candidates)."""
-    from reference_es3c import first_occurrence
-
-    rng = np.random.default_rng(13)
-    for W in (1, 3):
-        for _ in range(100):
-            C = int(rng.integers(1, 60))
-            cand = rng.integers(0, 4, size=(C, W)).astype(np.uint64) << np.uint64(int(rng.integers(0, 62)))
-            split = int(rng.integers(0, C + 1))
-            rep, todo = np.full(C, -1), np.full(C, -1)
-            prints = np.empty(C, dtype=np.uint64)
-            first = kernel._deduplicate(cand, 0, split, prints, rep, todo)
-            second = kernel._deduplicate(cand, split, C, prints, rep, todo[first:])
-            expected = first_occurrence(cand[None])[0]
-            np.testing.assert_array_equal(rep, expected)
-            new = np.flatnonzero(expected == np.arange(C))
-            np.testing.assert_array_equal(np.concatenate([todo[:first], todo[first:first + second]]), new)

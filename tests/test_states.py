@@ -20,20 +20,20 @@ def brute_first_occurrence(words):
     return [next(j for j in range(len(words)) if np.array_equal(words[j], words[c])) for c in range(len(words))]
 
 
-@settings(max_examples=40, deadline=None)
-@given(H=st.sampled_from([3, 64, 70, 130]), C=st.integers(1, 40), table_bits=st.integers(0, 3),
-       seed=st.integers(0, 10**6))
-def test_deduplication_finds_the_first_equal_state(H, C, table_bits, seed):
-    """rep[c] = the first candidate equal to candidate c (c itself for a new state, listed in todo), for tables
-    from just large enough (every slot probed) to sparse."""
+@settings(max_examples=60, deadline=None)
+@given(H=st.sampled_from([3, 64, 70, 130]), C=st.integers(1, 40), split=st.integers(0, 40), seed=st.integers(0, 10**6))
+def test_deduplication_finds_the_first_equal_state(H, C, split, seed):
+    """rep[c] = the first candidate equal to candidate c (c itself for a new state, listed in todo), for one- and
+    multi-word states (fingerprint: the word itself, or a hash of the words), also when the candidates come in two
+    calls (parents, then children checked against every earlier candidate)."""
     rng = np.random.default_rng(seed)
     pool = rng.random((4, H)) < 0.5          # few distinct states → many duplicates
     words = pack(pool[rng.integers(0, 4, size=C)])
-    table = np.full(1 << (max(C - 1, 1).bit_length() + table_bits), -1, dtype=np.int64)
+    prints = np.empty(C, dtype=np.uint64)
     rep, todo = np.empty(C, dtype=np.int64), np.empty(C, dtype=np.int64)
-    split = C // 2                           # two calls: the second finds states of the first
-    count = _deduplicate(words, 0, split, table, rep, todo)
-    count2 = _deduplicate(words, split, C, table, rep, todo[count:])
+    split = min(split, C)
+    count = _deduplicate(words, 0, split, prints, rep, todo)
+    count2 = _deduplicate(words, split, C, prints, rep, todo[count:])
     expected = brute_first_occurrence(words)
     np.testing.assert_array_equal(rep, expected)
     np.testing.assert_array_equal(np.concatenate([todo[:count], todo[count:count + count2]]),

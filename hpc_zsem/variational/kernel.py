@@ -574,9 +574,11 @@ def _deduplicate(cand, first, last, prints, rep, todo):
     count, W = 0, cand.shape[1]
     for c in range(first, last):
         x = cand[c, 0]
-        for w in range(1, W):
-            x = (x ^ cand[c, w]) * _GAMMA
-            x ^= x >> np.uint64(29)
+        if W > 1:
+            x = np.uint64(0)
+            for w in range(W):
+                x = (x ^ cand[c, w]) * _GAMMA
+                x ^= x >> np.uint64(29)
         prints[c] = x
         matches = 0
         for j in range(c):
@@ -600,13 +602,13 @@ def _deduplicate(cand, first, last, prints, rep, todo):
 
 
 @njit(**JIT)
-def _keep_best(cand, lpj, rep, count, C0, n, codes, members, order, new_K, new_lpj):
+def _keep_best(cand, lpj, rep, count, C0, n, codes, members, slots, new_K, new_lpj):
     """new_K[n], new_lpj[n] = the S best distinct of the count candidates (the first C0 of them the parents),
     best first, ties by index (the order of a stable sort by −log-joint), the first occurrence standing for
     its duplicates, which follow in candidate order if fewer than S are distinct. Returns how many come from
-    beyond the first S candidates. The distinct parents are ranked (``_top_ranked``; not at all when they are in
-    order already, as after a frozen-Θ step); only the children that beat the S-th best parent can enter, and
-    they are ranked among themselves and merged in (a parent first on ties: it has the lower index)."""
+    beyond the first S candidates. Only the children that beat the S-th best distinct parent can enter; the
+    distinct parents and these entrants, in candidate order, are ranked (``_top_ranked``) — not at all when
+    no child enters and the parents are in order already (as in most frozen-Θ steps)."""
     S = new_K.shape[1]
     parents = 0
     for i in range(C0):
@@ -617,35 +619,39 @@ def _keep_best(cand, lpj, rep, count, C0, n, codes, members, order, new_K, new_l
     in_order = True
     for i in range(1, parents):
         in_order &= codes[i - 1] >= codes[i]
-    if in_order:
-        for i in range(parents):
-            order[i] = i
+    if parents < S:                                   # bar: the S-th largest parent code
+        bar = np.iinfo(np.int64).min
+    elif in_order:
+        bar = codes[S - 1]
+    elif parents == S:
+        bar = codes[0]
+        for i in range(1, parents):
+            bar = min(bar, codes[i])
     else:
-        _top_ranked(codes, parents, parents, order)
-    bar = codes[order[S - 1]] if parents >= S else np.iinfo(np.int64).min
-    entrants = parents
+        _top_ranked(codes, parents, S, slots)
+        bar = codes[slots[S - 1]]
+    ranked = parents
     for i in range(C0, count):
         if rep[i] == i:
             code = _order_code(lpj[i])
             if code > bar:
-                codes[entrants] = code
-                members[entrants] = i
-                entrants += 1
-    _top_ranked(codes[parents:], entrants - parents, entrants - parents, order[parents:])
-    a, b, r = 0, parents, 0
-    slots = order[entrants:]                          # the merged ranking, as candidate indices
-    while r < S and (a < parents or b < entrants):
-        if b == entrants or (a < parents and codes[order[a]] >= codes[parents + order[b]]):
-            slots[r] = members[order[a]]
-            a += 1
-        else:
-            slots[r] = members[parents + order[b]]
-            b += 1
-        r += 1
-    for i in range(count):
-        if r < S and rep[i] != i:
-            slots[r] = i
-            r += 1
+                codes[ranked] = code
+                members[ranked] = i
+                ranked += 1
+    top = min(S, ranked)
+    if in_order and ranked == parents:
+        for r in range(top):
+            slots[r] = members[r]
+    else:
+        _top_ranked(codes, ranked, top, slots)
+        for r in range(top):
+            slots[r] = members[slots[r]]
+    r = top
+    if r < S:
+        for i in range(count):
+            if r < S and rep[i] != i:
+                slots[r] = i
+                r += 1
     accepted = 0
     for r in range(S):
         c = slots[r]
@@ -811,7 +817,7 @@ def search(K, lpj, n_parents: int, n_children: int, generations: int, rule: int,
 
     def work(first, last):
         index = lambda size: np.empty(size, dtype=np.int64)         # noqa: E731
-        buffers = (index(C), index(C), np.empty(C, dtype=np.uint64), index(C), index(C), index(2 * C),
+        buffers = (index(C), index(C), np.empty(C, dtype=np.uint64), index(C), index(C), index(C),
                    np.empty((P, W), dtype=np.uint64), np.empty((P, W), dtype=np.uint64))
         evolve_range(first, last, K, lpj, known, n_parents, n_children, generations, rule, mutation, crossover, rho,
                      H, *draws, theta, B, tails, new_K, new_lpj, accepted, _scratch(H), _candidates(C, W, H), buffers)
