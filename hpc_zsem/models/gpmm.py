@@ -22,6 +22,7 @@ from scipy.special import digamma, gammaln, logsumexp, polygamma
 
 from hpc_zsem.errors import InputError
 from hpc_zsem.models.base import PatchRng, PatchSummary, Stats
+from hpc_zsem.rowwise import row_product
 
 _W_FLOOR = 1e-12        # smallest entry of W, so that log W stays finite
 _DEAD_CLASS = 1e-10     # a class with R_c ≤ _DEAD_CLASS·N counts as unused in the M-step
@@ -40,17 +41,20 @@ class _Posterior(NamedTuple):
     rate: np.ndarray      # (C,)   β_c + S_c     (rate of z | c, y_n)
 
 
-def _posterior(Y: np.ndarray, params: dict[str, np.ndarray]) -> _Posterior:
+def _posterior(Y: np.ndarray, params: dict[str, np.ndarray], fixed_block: bool = False) -> _Posterior:
     """Class posteriors r_nc = softmax_c(log π_c + log p(y_n|c)) and log p(y_n) = logsumexp_c(…) − Σ log Γ(y+1).
 
     The log Γ(y_d+1) term does not depend on c: it is left out of the softmax and added to log p(y_n) only.
+    Σ_d y_nd log W_cd by BLAS for a training block (``fixed_block``: the same patches on any rank count), else by
+    ``row_product`` (a patch's posterior does not depend on the batch it is estimated in).
     """
     W, pi, alpha, beta = params["W"], params["pi"], params["alpha"], params["beta"]
     yhat = Y.sum(axis=1)
     shape = alpha[None, :] + yhat[:, None]
     rate = beta + W.sum(axis=1)
     class_const = np.log(pi) + alpha * np.log(beta) - gammaln(alpha)
-    log_joint = Y @ np.log(W).T + class_const + gammaln(shape) - shape * np.log(rate)
+    data_term = Y @ np.log(W).T if fixed_block else row_product(Y, np.log(W).T)
+    log_joint = data_term + class_const + gammaln(shape) - shape * np.log(rate)
     log_norm = logsumexp(log_joint, axis=1)
     resp = np.exp(log_joint - log_norm[:, None])
     log_py = log_norm - gammaln(Y + 1.0).sum(axis=1)
@@ -169,7 +173,7 @@ class GPMM:
         RLZ_c = Σ_n r_nc E[log z|c,y_n] with E[z] = (α_c+ŷ)/(β_c+S_c), E[log z] = ψ(α_c+ŷ) − log(β_c+S_c);
         free_energy = Σ_n log p(y_n) (the exact log-likelihood)."""
         Y = np.asarray(Y, dtype=np.float64)
-        post = _posterior(Y, params)
+        post = _posterior(Y, params, fixed_block=True)
         r = post.resp
         stats = {
             "R": r.sum(axis=0),
@@ -222,7 +226,7 @@ class GPMM:
     def estimate(self, Y: np.ndarray, params: dict[str, np.ndarray], state: None) -> np.ndarray:
         """Posterior mean of the clean patch: ŷ_d = Σ_c p(c|y) · W_cd · (α_c + Σ_d y_d) / (β_c + S_c)."""
         post = _posterior(np.asarray(Y, dtype=np.float64), params)
-        return (post.resp * post.shape / post.rate) @ params["W"]
+        return row_product(post.resp * post.shape / post.rate, params["W"])
 
     def noise_variance(self, params: dict[str, np.ndarray]) -> float:
         """GPMM has no scalar noise level (the noise is Poisson): NaN."""

@@ -22,6 +22,7 @@ import numpy as np
 from scipy.linalg import cho_factor, cho_solve
 
 from hpc_zsem.models.base import PatchSummary
+from hpc_zsem.rowwise import row_product
 from hpc_zsem.variational.evolution import EvolutionSettings, Scorer, evolve
 from hpc_zsem.variational.kernel import posterior, run_parts, theta_terms
 from hpc_zsem.variational.states import lowest_weight_states, pack
@@ -123,16 +124,21 @@ class SSSC:
         self._theta_cache = ({key: np.array(value, copy=True) for key, value in params.items()}, theta)
         return theta
 
-    def _scorer(self, Y: np.ndarray, params: dict[str, np.ndarray]) -> Scorer:
-        """Θ terms, B = Y W and the per-patch tails −½‖y_n‖²/σ² − D/2·log 2πσ² of a block (by fixed row parts,
-        on the kernel threads: a row of B does not depend on the split)."""
+    def _scorer(self, Y: np.ndarray, params: dict[str, np.ndarray], fixed_block: bool = False) -> Scorer:
+        """Θ terms, B = Y W and the per-patch tails −½‖y_n‖²/σ² − D/2·log 2πσ² of a block, by row parts on the
+        kernel threads. B by BLAS for a training block (``fixed_block``: its patches are the same on any rank
+        count), else by ``row_product`` (a row of B depends only on y_n and W, bit for bit, so a patch's
+        estimate does not depend on the tiling)."""
         sigma2, W = float(params["sigma2"]), params["W"]
         N, D = Y.shape
         B, tails = np.empty((N, W.shape[1])), np.empty(N)
         log_norm = 0.5 * D * np.log(2.0 * np.pi * sigma2)
 
         def rows(a, b):
-            np.matmul(Y[a:b], W, out=B[a:b])
+            if fixed_block:
+                np.matmul(Y[a:b], W, out=B[a:b])
+            else:
+                row_product(Y[a:b], W, out=B[a:b])
             tails[a:b] = -0.5 * np.einsum("nd,nd->n", Y[a:b], Y[a:b]) / sigma2 - log_norm
 
         run_parts(rows, N)
@@ -143,7 +149,7 @@ class SSSC:
         evolutionary improvement of K under the same Θ (used by the next epoch). The statistics are
         S_s = Σ⟨s⟩, S_sz = Σ⟨s⊙z⟩, S_szsz = Σ⟨(s⊙z)(s⊙z)ᵀ⟩ (with ⟨z_A z_Aᵀ⟩ = M_A⁻¹ + m mᵀ), S_ysz = Σ y⟨s⊙z⟩ᵀ,
         Σ‖y‖², and for a full Ψ also S_ss = Σ⟨s sᵀ⟩ and T_hh' = Σ q s_h s_h' E[z_h']."""
-        scorer = self._scorer(Y, params)
+        scorer = self._scorer(Y, params, fixed_block=True)
         K = np.ascontiguousarray(K, dtype=np.uint64)
         lpj, log_norm, mean_sz, sums, pair_sums = posterior(*scorer, K, 2)
         stats = {"S_s": sums[0], "S_sz": sums[1], "S_szsz": pair_sums[0]}
@@ -173,7 +179,7 @@ class SSSC:
     def estimate(self, Y: np.ndarray, params: dict[str, np.ndarray], K: np.ndarray) -> np.ndarray:
         """Posterior-predictive mean of the clean patch: ŷ_n = Σ_{s∈K_n} q_n(s) W_A m_{n,s} = W ⟨s⊙z⟩_n."""
         mean_sz = posterior(*self._scorer(Y, params), K, 1)[2]
-        return mean_sz @ params["W"].T
+        return row_product(mean_sz, params["W"].T)
 
     # ----------------------------------------------------------------- M-step
     def m_step(self, params: dict[str, np.ndarray], stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
