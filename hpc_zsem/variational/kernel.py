@@ -41,6 +41,8 @@ log = logging.getLogger("hpc_zsem")
 # otherwise cost atomic operations on every array handed to an inlined helper.
 JIT = dict(cache=True, nogil=True, error_model="numpy", _nrt=False)
 INLINE = dict(JIT, inline="always")   # per-element helpers: no call overhead in the loops that use them
+# Constants passed to kernels as typed values, not literals: numba compiles a function once per literal argument.
+ZERO, ONE, TWO, NO = np.int64(0), np.int64(1), np.int64(2), np.bool_(False)
 SELECTIONS = ("fitness", "uniform", "best")      # codes 0, 1, 2 in the kernel
 MUTATIONS = ("random", "sparse")                 # codes 0, 1
 STATS_PARTS = 4          # parts of a block whose sums are added in order (threads take whole parts)
@@ -264,11 +266,11 @@ def _tabulate(theta, unit, pairs, scratch):
     for h in range(H):
         A[0] = h
         t = _pair_row(h, h, H)
-        const = _state_terms(theta, A, 1, work, tmp, cov, c)
+        const = _state_terms(theta, A, ONE, work, tmp, cov, c)
         pairs[t, 0], pairs[t, 3], pairs[t, 5] = cov[0, 0], c[0], const
         for l in range(h + 1, H):
             A[1] = l
-            const = _state_terms(theta, A, 2, work, tmp, cov, c)
+            const = _state_terms(theta, A, TWO, work, tmp, cov, c)
             t = _pair_row(h, l, H)
             pairs[t, 0], pairs[t, 1], pairs[t, 2], pairs[t, 3], pairs[t, 4], pairs[t, 5] = (
                 cov[0, 0], cov[0, 1], cov[1, 1], c[0], c[1], const)
@@ -682,13 +684,13 @@ def evolve_range(first, last, K, lpj_K, known, n_parents, n_children, generation
         for i in range(C0):
             for w in range(W):
                 cand[i, w] = K[n, i, w]
-        count = _deduplicate(cand, 0, C0, prints, rep, todo)
+        count = _deduplicate(cand, ZERO, C0, prints, rep, todo)
         if known:
             for i in range(C0):
                 lpj[i] = lpj_K[n, i]
         else:
-            _score(theta, B, n, tails[n], cand, todo, count, lpj, units, ks, moments, scratch, False)
-        start, end = 0, C0
+            _score(theta, B, n, tails[n], cand, todo, count, lpj, units, ks, moments, scratch, NO)
+        start, end = ZERO, C0
         for g in range(generations + 1):
             for c in range(start, end):
                 if rep[c] != c:
@@ -700,7 +702,7 @@ def evolve_range(first, last, K, lpj_K, known, n_parents, n_children, generation
                            cross_u, flip_bit, flip_u, parents, crossed)
             start, end = end, end + P * n_children
             count = _deduplicate(cand, start, end, prints, rep, todo)
-            _score(theta, B, n, tails[n], cand, todo, count, lpj, units, ks, moments, scratch, False)
+            _score(theta, B, n, tails[n], cand, todo, count, lpj, units, ks, moments, scratch, NO)
         accepted[n] = _keep_best(cand, lpj, rep, end, C0, n, codes, chosen, slots, new_K, new_lpj)
 
 
