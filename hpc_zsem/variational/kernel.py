@@ -413,7 +413,7 @@ def posterior_parts(theta, B, tails, K, want, first, last, lpj, log_norm, mean_s
     that fills them)."""
     N, S, W = K.shape
     P = sums.shape[0]
-    cand, rows, values, units, ks, moments = buffers
+    _, rows, values, units, ks, moments = buffers    # the states are read from K in place
     for part in range(first, last):
         sums[part] = 0.0
         pair_sums[part] = 0.0
