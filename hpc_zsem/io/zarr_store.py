@@ -535,6 +535,20 @@ class ZarrResultStore(ResultContent):
             self.comm.barrier()
             raise _Failed(errors[0])
 
+    def _step(self, action, failure: str, *, rank0: bool = False, also: tuple = ()) -> None:
+        """Run ``action()`` on every rank (on rank 0 only with ``rank0``), then ``_agree`` on whether any rank
+        failed: an OSError (or one of ``also``) becomes "<path>: <failure>" with ``{exc}`` in ``failure``
+        replaced by the error, an HpcZsemError keeps its own one-line message."""
+        error = None
+        if not rank0 or self.comm.rank == 0:
+            try:
+                action()
+            except HpcZsemError as exc:
+                error = str(exc)
+            except (OSError, *also) as exc:
+                error = f"{self.path}: " + failure.format(exc=exc)
+        self._agree(error)
+
     def _fsync_own(self) -> None:
         for f in dict.fromkeys(self._own_chunks):
             if f.exists():
@@ -549,25 +563,19 @@ class ZarrResultStore(ResultContent):
         if not self._resumable:
             self.abort()
             return
+        failure = "cannot keep the partial result ({exc})"
         try:
-            error = None
-            try:
-                self._fsync_own()
-            except OSError as exc:
-                error = f"{self.path}: cannot keep the partial result ({exc})"
-            self._agree(error)
+            self._step(self._fsync_own, failure)
             gathered = self.comm.gather(sorted(self._written, key=str))
-            error = None
-            if self.comm.rank == 0:
-                try:
-                    keys = set(self._restored).union(*(map(tuple, part) for part in gathered))
-                    rows = [[None if v is None else int(v) for v in k] for k in sorted(keys, key=str)]
-                    self._root.attrs.update({"written_tiles": rows, "clean": 1})
-                    fsync_path(self._tmp_path() / "zarr.json")
-                    fsync_path(self._tmp_path())
-                except OSError as exc:
-                    error = f"{self.path}: cannot keep the partial result ({exc})"
-            self._agree(error)
+
+            def mark_clean():
+                keys = set(self._restored).union(*(map(tuple, part) for part in gathered))
+                rows = [[None if v is None else int(v) for v in k] for k in sorted(keys, key=str)]
+                self._root.attrs.update({"written_tiles": rows, "clean": 1})
+                fsync_path(self._tmp_path() / "zarr.json")
+                fsync_path(self._tmp_path())
+
+            self._step(mark_clean, failure, rank0=True)
         except _Failed as exc:
             raise OutputError(str(exc)) from None
         self._arrays = None
@@ -596,49 +604,35 @@ class ZarrResultStore(ResultContent):
                 error = f"{self.path}: only {pixels} of {total} pixels were written"
         self._agree(error)
         shapes = level_shapes(self.shape, self.chunks)
-        error = None
-        if comm.rank == 0:
-            try:
-                self._ensure_space(sum(4 * int(np.prod(s)) for s in shapes[1:]) * len(self.names))
-                dims = ["y", "x"] if len(self.shape) == 2 else ["z", "y", "x"]
-                for name in self.names:
-                    group = self._root[name]
-                    if not isinstance(group, zarr.Group):
-                        raise OutputError(f"{self.path}: {name} in the temporary store is not a zarr group")
-                    for k, s in enumerate(shapes[1:], start=1):
-                        group.create_array(str(k), shape=s, chunks=self.chunks, dtype="float32",
-                                           fill_value=float("nan"), dimension_names=dims)
-                    group.attrs.update({"ome": self._ngff(name, shapes)})
-            except (OSError, HpcZsemError) as exc:
-                error = str(exc) if isinstance(exc, HpcZsemError) else f"{self.path}: cannot write the result ({exc})"
-        self._agree(error)
+        failure = "cannot write the result ({exc}); nothing was replaced"
+
+        def create_levels():
+            self._ensure_space(sum(4 * int(np.prod(s)) for s in shapes[1:]) * len(self.names))
+            dims = ["y", "x"] if len(self.shape) == 2 else ["z", "y", "x"]
+            for name in self.names:
+                group = self._root[name]
+                if not isinstance(group, zarr.Group):
+                    raise OutputError(f"{self.path}: {name} in the temporary store is not a zarr group")
+                for k, s in enumerate(shapes[1:], start=1):
+                    group.create_array(str(k), shape=s, chunks=self.chunks, dtype="float32",
+                                       fill_value=float("nan"), dimension_names=dims)
+                group.attrs.update({"ome": self._ngff(name, shapes)})
+
+        self._step(create_levels, "cannot write the result ({exc})", rank0=True)
         root = zarr.open_group(self._store(), mode="r+")
-        for k in range(1, len(shapes)):
-            error = None
-            try:
-                every = chunk_indices(shapes[k], self.chunks)
-                mine = shard(len(every), comm.rank, comm.size)
-                indices = every[mine.start:mine.stop]
-                for name in self.names:
-                    done = downsample_chunks(_level_array(root, name, k - 1), _level_array(root, name, k), indices)
-                    self._own_chunks.extend(self._chunk_file(name, k, idx) for idx in done)
-            except OSError as exc:
-                error = f"{self.path}: cannot write the result ({exc}); nothing was replaced"
-            self._agree(error)      # level k is complete on every rank before level k+1 reads it
-        error = None
-        try:
-            self._fsync_own()
-        except OSError as exc:
-            error = f"{self.path}: cannot write the result ({exc}); nothing was replaced"
-        self._agree(error)
-        error = None
-        if comm.rank == 0:
-            try:
-                self._commit(root)
-            except (OSError, HpcZsemError, TypeError, ValueError) as exc:
-                error = str(exc) if isinstance(exc, HpcZsemError) else \
-                    f"{self.path}: cannot write the result ({exc}); nothing was replaced"
-        self._agree(error)
+
+        def fill_level(k):                      # this rank's share of level k's chunks, from level k − 1
+            every = chunk_indices(shapes[k], self.chunks)
+            mine = shard(len(every), comm.rank, comm.size)
+            for name in self.names:
+                done = downsample_chunks(_level_array(root, name, k - 1), _level_array(root, name, k),
+                                         every[mine.start:mine.stop])
+                self._own_chunks.extend(self._chunk_file(name, k, idx) for idx in done)
+
+        for k in range(1, len(shapes)):         # level k is complete on every rank before level k+1 reads it
+            self._step(lambda: fill_level(k), failure)
+        self._step(self._fsync_own, failure)
+        self._step(lambda: self._commit(root), failure, rank0=True, also=(TypeError, ValueError))
         self._arrays = None
 
     def _commit(self, root) -> None:
