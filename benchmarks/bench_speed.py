@@ -3,7 +3,8 @@
 The reference setting (issue 2/11): N = 62,001 patches of 8×8 (a 256×256 crop of ISBI slice 0, σ = 25 noise),
 S = 60, 20 parents × 1 child, 1 generation, H = 64 and 256, one rank, one BLAS thread. An epoch = one E-step
 (posterior statistics of every K_n, free energy, evolutionary search) over all blocks plus the M-step; it
-evaluates N·(S + parents·children) (patch, state) pairs.
+evaluates N·(S + parents·children·generations) (patch, state) pairs. `--children 5 --generations 2` is the search of
+configs/quality.yaml (what a quality run spends most of its time on).
 
     python benchmarks/bench_speed.py [--H 64 256] [--repeats 3] [--threads 1 2] [--compare] [--profile]
 
@@ -33,7 +34,7 @@ from hpc_zsem.parallel import block_ranges
 from hpc_zsem.patches import PatchGrid
 from hpc_zsem.randomness import PatchRandom
 from hpc_zsem.variational.evolution import EvolutionSettings
-from hpc_zsem.variational.kernel import set_threads
+from hpc_zsem.variational.kernel import map_in_order, set_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 ISBI = ROOT.parent / "shared" / "data" / "isbi2012_sstem_30x512x512.tif"
@@ -52,8 +53,10 @@ def patches(block: int):
 def epoch(model, blocks, ranges, params, states, number):
     """One E-step over every block and the M-step; returns (new states, new params, stats)."""
     total, new_states = None, []
-    for Y, r, K in zip(blocks, ranges, states):
-        K, stats = model.e_step(Y, params, K, PatchRandom(0, 1, number, np.arange(*r)))
+    steps = map_in_order(lambda block: model.e_step(block[0], params, block[2], PatchRandom(0, 1, number,
+                                                                                          np.arange(*block[1]))),
+                         list(zip(blocks, ranges, states)))             # as hpc_zsem.training.Training.e_step
+    for K, stats in steps:
         new_states.append(K)
         total = stats if total is None else {k: total[k] + stats[k] for k in total}
     return new_states, model.m_step(params, total), total
@@ -79,7 +82,7 @@ def flops_per_epoch(N, D, H, pairs) -> float:
 
 
 def run_h(args, H, blocks, ranges, rate):
-    settings = EvolutionSettings(S=args.S, parents=args.parents, children=args.children)
+    settings = EvolutionSettings(S=args.S, parents=args.parents, children=args.children, generations=args.generations)
     model, reference = SSSC(H, settings), ReferenceSSSC(H, settings)
     Y_all = np.concatenate(blocks)
     N, D = Y_all.shape
@@ -88,7 +91,7 @@ def run_h(args, H, blocks, ranges, rate):
     states = [model.init_block_state(Y, params, PatchRandom(0, 0, 0, np.arange(*r))) for Y, r in zip(blocks, ranges)]
     for e in range(args.warmup):                     # realistic truncated sets and parameters
         states, params, _ = epoch(model, blocks, ranges, params, states, e)
-    pairs = N * (args.S + args.parents * args.children)
+    pairs = N * (args.S + args.parents * args.children * args.generations)
 
     cpu = {}
 
@@ -103,7 +106,8 @@ def run_h(args, H, blocks, ranges, rate):
 
     times = {t: timing(model, t) for t in args.threads}
     one = times[args.threads[0]]
-    print(f"H={H}: N={N} D={D} S={args.S} parents={args.parents}×{args.children}, {pairs} (patch, state) per epoch")
+    print(f"H={H}: N={N} D={D} S={args.S} parents={args.parents}×{args.children}×{args.generations} generation(s), "
+          f"{pairs} (patch, state) per epoch")
     for t, ts in times.items():
         process, main = min(cpu[t])
         serial = main / process if t > 1 else float("nan")
@@ -163,6 +167,7 @@ def main():
     ap.add_argument("--S", type=int, default=60)
     ap.add_argument("--parents", type=int, default=20)
     ap.add_argument("--children", type=int, default=1)
+    ap.add_argument("--generations", type=int, default=1)
     ap.add_argument("--block", type=int, default=1024)
     ap.add_argument("--warmup", type=int, default=2, help="epochs before timing (realistic states)")
     ap.add_argument("--repeats", type=int, default=3)

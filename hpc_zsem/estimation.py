@@ -25,6 +25,7 @@ from hpc_zsem.parallel import STAGE_ESTIMATE, STAGE_INIT
 from hpc_zsem.randomness import PatchRandom
 from hpc_zsem.streaming import stream_tiles
 from hpc_zsem.tiles import plan_tiles
+from hpc_zsem.variational.kernel import map_in_order
 
 log = logging.getLogger("hpc_zsem")
 
@@ -33,15 +34,20 @@ def estimate_patches(config: Config, model: PatchModel, params: dict[str, np.nda
                      ids: np.ndarray) -> np.ndarray:
     """Clean-patch estimates of the patches ``Y`` with global indices ``ids`` under the frozen Θ ``params``: a
     fresh truncated set per patch (``model.init_block_state``), ``estimation.epochs`` evolutionary E-steps,
-    then the posterior-predictive mean E[y | y_n] = W⟨s⊙z⟩_n, in blocks of ``training.block_size``."""
+    then the posterior-predictive mean E[y | y_n] = W⟨s⊙z⟩_n, in blocks of ``training.block_size`` (whole blocks
+    on the kernel threads)."""
     seed, size = config.training.seed, config.training.block_size
     out = np.empty_like(Y)
-    for start in range(0, len(Y), size):
-        part = slice(start, start + size)
+
+    def estimate(part: slice) -> np.ndarray:
         state = model.init_block_state(Y[part], params, PatchRandom(seed, STAGE_INIT, 0, ids[part]),
                                        [PatchRandom(seed, STAGE_ESTIMATE, epoch, ids[part])
                                         for epoch in range(1, config.estimation.epochs + 1)])
-        out[part] = model.estimate(Y[part], params, state)
+        return model.estimate(Y[part], params, state)
+
+    parts = [slice(start, start + size) for start in range(0, len(Y), size)]
+    for part, estimates in zip(parts, map_in_order(estimate, parts)):
+        out[part] = estimates
     return out
 
 

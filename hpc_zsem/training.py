@@ -27,6 +27,7 @@ from hpc_zsem.models import PatchModel, PatchSummary
 from hpc_zsem.parallel import STAGE_INIT, STAGE_PARAMS, STAGE_SAMPLE, STAGE_TRAIN, block_ranges, block_rng, shard
 from hpc_zsem.randomness import PatchRandom
 from hpc_zsem.units import format_seconds
+from hpc_zsem.variational.kernel import map_in_order
 
 log = logging.getLogger("hpc_zsem")
 
@@ -120,8 +121,10 @@ class Training:
     def e_step(self, stage: int, epoch: int) -> dict[str, np.ndarray]:
         """One E-step over the local blocks; returns the globally summed statistics."""
         total: dict[str, np.ndarray] = {}
-        for b in self.blocks:
-            b.state, stats = self.model.e_step(b.Y, self.params, b.state, self._patch_random(stage, epoch, b))
+        steps = map_in_order(lambda b: self.model.e_step(b.Y, self.params, b.state,
+                                                         self._patch_random(stage, epoch, b)), self.blocks)
+        for b, (state, stats) in zip(self.blocks, steps):        # statistics added in block order
+            b.state = state
             for key, value in stats.items():
                 total[key] = total[key] + value if key in total else np.asarray(value, dtype=np.float64)
         return self._allreduce_with_flags(total)

@@ -145,6 +145,29 @@ def test_duplicates_among_candidates_keep_the_first_and_fill_up():
     assert all(len({int(w) for w in row[:, 0]}) == 4 for row in step_new[0])
 
 
+def test_map_in_order_runs_whole_items_on_the_threads_and_keeps_their_order():
+    """With 2 threads and ≥ ITEMS_PER_THREAD·2 items, items run concurrently (on pool threads), each one's
+    kernels unsplit; with fewer items, one after another with the kernels split; results always in order."""
+    import threading
+
+    def item(i):
+        ranges = []
+        kernel.run_split(lambda first, last: ranges.append((first, last)), 10)
+        return i, threading.current_thread().name, sorted(ranges)
+
+    many = list(range(kernel.ITEMS_PER_THREAD * 2 + 3))
+    try:
+        kernel.set_threads(2)
+        concurrent = list(kernel.map_in_order(item, many))
+        one_by_one = list(kernel.map_in_order(item, many[:3]))
+    finally:
+        kernel.set_threads(1)
+    assert [i for i, _, _ in concurrent] == many
+    assert all(name.startswith("hpc_zsem-kernel") and ranges == [(0, 10)] for _, name, ranges in concurrent)
+    assert [i for i, _, _ in one_by_one] == [0, 1, 2]
+    assert all(ranges == [(0, 5), (5, 10)] for _, _, ranges in one_by_one)
+
+
 def test_hpc_zsem_run_gives_the_same_image_on_one_and_two_threads(tmp_path):
     from conftest import run_cli
     from hpc_zsem.io.results import read_result

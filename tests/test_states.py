@@ -21,19 +21,22 @@ def brute_first_occurrence(words):
 
 
 @settings(max_examples=60, deadline=None)
-@given(H=st.sampled_from([3, 64, 70, 130]), C=st.integers(1, 40), split=st.integers(0, 40), seed=st.integers(0, 10**6))
-def test_deduplication_finds_the_first_equal_state(H, C, split, seed):
+@given(H=st.sampled_from([3, 64, 70, 130]), C=st.integers(1, 40), split=st.integers(0, 40), seed=st.integers(0, 10**6),
+       distinct=st.integers(1, 40))
+def test_deduplication_finds_the_first_equal_state(H, C, split, seed, distinct):
     """rep[c] = the first candidate equal to candidate c (c itself for a new state, listed in todo), for one- and
     multi-word states (fingerprint: the word itself, or a hash of the words), also when the candidates come in two
-    calls (parents, then children checked against every earlier candidate)."""
+    calls (parents, then children checked against every earlier candidate), in the smallest table the kernel may
+    get (a power of two ≥ 2C: probe sequences collide and wrap around)."""
     rng = np.random.default_rng(seed)
-    pool = rng.random((4, H)) < 0.5          # few distinct states → many duplicates
-    words = pack(pool[rng.integers(0, 4, size=C)])
+    pool = rng.random((distinct, H)) < 0.5          # few distinct states → many duplicates
+    words = pack(pool[rng.integers(0, distinct, size=C)])
     prints = np.empty(C, dtype=np.uint64)
     rep, todo = np.empty(C, dtype=np.int64), np.empty(C, dtype=np.int64)
+    table = np.empty(1 << (2 * C - 1).bit_length(), dtype=np.int64)
     split = min(split, C)
-    count = _deduplicate(words, 0, split, prints, rep, todo)
-    count2 = _deduplicate(words, split, C, prints, rep, todo[count:])
+    count = _deduplicate(words, 0, split, prints, rep, todo, table)
+    count2 = _deduplicate(words, split, C, prints, rep, todo[count:], table)
     expected = brute_first_occurrence(words)
     np.testing.assert_array_equal(rep, expected)
     np.testing.assert_array_equal(np.concatenate([todo[:count], todo[count:count + count2]]),

@@ -16,6 +16,7 @@ S_ysz = Yᵀ⟨s⊙z⟩.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -54,6 +55,7 @@ class SSSC:
         self.full_psi = psi == "full"
         self._reported: set[str] = set()
         self._theta_cache: tuple[dict[str, np.ndarray], tuple] | None = None
+        self._theta_lock = threading.Lock()
 
     def _repaired(self, what: str) -> None:
         """Log a deterministic M-step repair once per kind (every rank repairs alike; rank 0 logs)."""
@@ -112,17 +114,19 @@ class SSSC:
     # ----------------------------------------------------------------- E-step
     def _theta(self, params: dict[str, np.ndarray]) -> tuple:
         """The kernel's Θ terms (G = WᵀW, log-odds, the tabulated k ≤ 2 state terms, …), computed once per Θ:
-        every block of an E-step reuses them (the parameters are compared by value)."""
-        cached = self._theta_cache
-        if cached is not None and cached[0].keys() == params.keys() and all(
-                np.array_equal(cached[0][key], params[key]) for key in params):
-            return cached[1]
-        W = params["W"]
-        pi = np.clip(params["pi"], PI_FLOOR, 1.0 - PI_FLOOR)
-        theta = theta_terms(W.T @ W, float(params["sigma2"]), params["psi"], params["mu"],
-                            np.log(pi) - np.log1p(-pi), float(np.log1p(-pi).sum()))
-        self._theta_cache = ({key: np.array(value, copy=True) for key, value in params.items()}, theta)
-        return theta
+        every block of an E-step reuses them (the parameters are compared by value; blocks running on several
+        threads wait for the first to compute them)."""
+        with self._theta_lock:
+            cached = self._theta_cache
+            if cached is not None and cached[0].keys() == params.keys() and all(
+                    np.array_equal(cached[0][key], params[key]) for key in params):
+                return cached[1]
+            W = params["W"]
+            pi = np.clip(params["pi"], PI_FLOOR, 1.0 - PI_FLOOR)
+            theta = theta_terms(W.T @ W, float(params["sigma2"]), params["psi"], params["mu"],
+                                np.log(pi) - np.log1p(-pi), float(np.log1p(-pi).sum()))
+            self._theta_cache = ({key: np.array(value, copy=True) for key, value in params.items()}, theta)
+            return theta
 
     def _scorer(self, Y: np.ndarray, params: dict[str, np.ndarray], fixed_block: bool = False) -> Scorer:
         """Θ terms, B = Y W and the per-patch tails −½‖y_n‖²/σ² − D/2·log 2πσ² of a block, by row parts on the
