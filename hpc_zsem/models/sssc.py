@@ -129,9 +129,9 @@ class SSSC:
             return theta
 
     def _scorer(self, Y: np.ndarray, params: dict[str, np.ndarray], fixed_block: bool = False) -> Scorer:
-        """Θ terms, B = Y W and the per-patch tails −½‖y_n‖²/σ² − D/2·log 2πσ² of a block, by row parts on the
-        kernel threads. B by BLAS for a training block (``fixed_block``: its patches are the same on any rank
-        count), else by ``row_product`` (a row of B depends only on y_n and W, bit for bit, so a patch's
+        """Θ terms, B = Y W/σ² and the per-patch tails −½‖y_n‖²/σ² − D/2·log 2πσ² of a block, by row parts on
+        the kernel threads. Y W by BLAS for a training block (``fixed_block``: its patches are the same on any
+        rank count), else by ``row_product`` (a row of B depends only on y_n and W, bit for bit, so a patch's
         estimate does not depend on the tiling)."""
         sigma2, W = float(params["sigma2"]), params["W"]
         N, D = Y.shape
@@ -143,6 +143,7 @@ class SSSC:
                 np.matmul(Y[a:b], W, out=B[a:b])
             else:
                 row_product(Y[a:b], W, out=B[a:b])
+            np.divide(B[a:b], sigma2, out=B[a:b])
             tails[a:b] = -0.5 * np.einsum("nd,nd->n", Y[a:b], Y[a:b]) / sigma2 - log_norm
 
         run_parts(rows, N)

@@ -48,7 +48,7 @@ class EvolutionSettings:
 
 class Scorer(NamedTuple):
     """What the kernel needs to score (patch, state) pairs of a block: the Θ terms
-    (``kernel.theta_terms``), B = Y W (N, H) and the per-patch tails −½‖y_n‖²/σ² − D/2·log 2πσ² (N,)."""
+    (``kernel.theta_terms``), B = Y W/σ² (N, H) and the per-patch tails −½‖y_n‖²/σ² − D/2·log 2πσ² (N,)."""
 
     theta: tuple
     B: np.ndarray

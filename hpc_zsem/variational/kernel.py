@@ -2,8 +2,9 @@
 statistics of the truncated sets, and the evolutionary search of every patch — selection, crossover, mutation,
 de-duplication and the merge of the S best distinct states — with no Python work per (patch, state) pair.
 
-Maths (DESIGN.md §1.1). A packed state s with active set A (k = |A|), G = WᵀW, b_n = Wᵀy_n:
-    M_A = Ψ_AA⁻¹ + G_AA/σ²,   c_A = Ψ_AA⁻¹ μ_A,   r = c_A + b_A/σ²,   m = M_A⁻¹ r
+Maths (DESIGN.md §1.1). A packed state s with active set A (k = |A|), G = WᵀW, b_n = Wᵀy_n/σ² (the kernels
+take B = Y W/σ², one row per patch, divided once per block instead of once per state and unit):
+    M_A = Ψ_AA⁻¹ + G_AA/σ²,   c_A = Ψ_AA⁻¹ μ_A,   r = c_A + b_A,   m = M_A⁻¹ r
     log p(y_n, s) = const_A + ½ rᵀm + tail_n
     const_A = log p(s) − ½ log det Ψ_AA − ½ log det M_A − ½ μ_Aᵀ c_A,   tail_n = −½ ‖y_n‖²/σ² − D/2·log(2πσ²)
 The state-only terms (M_A⁻¹, c_A, const_A) of every state with k ≤ 2 are tabulated once per Θ (``theta_terms``) in
@@ -15,7 +16,7 @@ k > 2 are factorised where they occur: a square-root-free Cholesky factorisation
 The kernels release the GIL. A training epoch runs whole blocks concurrently on ``set_threads(n)`` Python
 threads (``map_in_order``: no hand-off between threads inside a block, the blocks' statistics added in block
 order); elsewhere ``run_split`` splits a block's patches among the threads, and ``run_parts`` runs the block's
-BLAS products (B = Y W, Yᵀ⟨s⊙z⟩) by fixed parts on the same threads. A patch's results never depend on which
+BLAS products (Y W, Yᵀ⟨s⊙z⟩) by fixed parts on the same threads. A patch's results never depend on which
 thread handles it, and the statistics are summed over a fixed number of parts of the block, added in a fixed
 order, so results do not depend on the thread count. The random numbers are drawn
 before the search (``hpc_zsem.variational.evolution``) in the order and shapes the numpy E-step used — those of a
@@ -207,7 +208,7 @@ def _state_terms(theta, A, k, work, tmp, cov, c):
 
 @njit(**INLINE)
 def _solve_state(psi, G_scaled, mu, unit, log_odds, scalars, b, A, k, work, tmp, c, m, row, means):
-    """const_A + ½ rᵀm for one patch (b = Wᵀy) and a state with k > 2 active units A[:k], with r = c + b_A/σ²
+    """const_A + ½ rᵀm for one patch (b = Wᵀy/σ²) and a state with k > 2 active units A[:k], with r = c + b_A
     and (with ``means``) m = M_A⁻¹ r into m[:k, row] (else m[:, row] is scratch), by the square-root-free Cholesky
     factorisation M_A = L D Lᵀ (unit lower L): log det M_A = Σ log D_jj, w = L⁻¹ r, rᵀm = Σ w_j²/D_jj,
     m = L⁻ᵀ D⁻¹ w."""
@@ -230,7 +231,7 @@ def _solve_state(psi, G_scaled, mu, unit, log_odds, scalars, b, A, k, work, tmp,
     log_det += np.log(product)
     rm = 0.0
     for i in range(k):                                  # w = L⁻¹ r (into m)
-        s = c[i] + b[A[i]] / scalars[0]
+        s = c[i] + b[A[i]]
         for j in range(i):
             s -= work[i, j] * m[j, row]
         m[i, row] = s
@@ -245,25 +246,25 @@ def _solve_state(psi, G_scaled, mu, unit, log_odds, scalars, b, A, k, work, tmp,
 
 
 @njit(**INLINE)
-def _bordered_pair(G_scaled, unit, log_odds, pairs, b, sigma2, A, k, moments, row):
+def _bordered_pair(G_scaled, unit, log_odds, pairs, b, A, k, moments, row):
     """const_A + ½ rᵀm for a state with k = 3 or 4 active units A[:k] and a diagonal Ψ, from the tabulated pair
     P = {A₀, A₁} (its M_P⁻¹, c_P, const_P) bordered by Q = A[2:k] (block elimination, Schur complement):
         M_A = [[M_P, G_PQ], [G_QP, M_Q]],   U = M_P⁻¹ G_PQ,   S = M_Q − G_QP U,   m_P⁰ = M_P⁻¹ r_P,
         t = r_Q − G_QP m_P⁰,   m_Q = S⁻¹ t,   m_P = m_P⁰ − U m_Q,
         rᵀ M_A⁻¹ r = r_Pᵀ m_P⁰ + tᵀ S⁻¹ t,   log det M_A = log det M_P + log det S,
         const_A = const_P + Σ_{h∈Q} (log-odds_h − ½ log ψ_h − ½ μ_h²/ψ_h) − ½ log det S
-    (G_PQ etc. from G/σ², M_Q = diag(1/ψ_Q) + G_QQ/σ², r = c + b/σ²); with k = 3 S is a number. m = (m_P, m_Q)
+    (G_PQ etc. from G/σ², M_Q = diag(1/ψ_Q) + G_QQ/σ², r = c + b, b = Wᵀy/σ²); with k = 3 S is a number. m = (m_P, m_Q)
     goes to moments[:k, row]. log det S is NaN when M_A is not positive definite, as in ``_solve_state``."""
     p0, p1, q0 = A[0], A[1], A[2]
     t = _pair_row(p0, p1, unit.shape[0])
     c00, c01, c11 = pairs[t, 0], pairs[t, 1], pairs[t, 2]
-    r0, r1 = pairs[t, 3] + b[p0] / sigma2, pairs[t, 4] + b[p1] / sigma2
+    r0, r1 = pairs[t, 3] + b[p0], pairs[t, 4] + b[p1]
     m0, m1 = c00 * r0 + c01 * r1, c01 * r0 + c11 * r1
     value = pairs[t, 5] + 0.5 * (r0 * m0 + r1 * m1)
     g00, g10 = G_scaled[p0, q0], G_scaled[p1, q0]
     u00, u10 = c00 * g00 + c01 * g10, c01 * g00 + c11 * g10
     s00 = unit[q0, 0] + G_scaled[q0, q0] - (g00 * u00 + g10 * u10)
-    t0 = unit[q0, 1] + b[q0] / sigma2 - (g00 * m0 + g10 * m1)
+    t0 = unit[q0, 1] + b[q0] - (g00 * m0 + g10 * m1)
     value += log_odds[q0] - 0.5 * (unit[q0, 2] + unit[q0, 3])
     if k == 3:
         n0 = t0 / s00
@@ -274,7 +275,7 @@ def _bordered_pair(G_scaled, unit, log_odds, pairs, b, sigma2, A, k, moments, ro
     u01, u11 = c00 * g01 + c01 * g11, c01 * g01 + c11 * g11
     s01 = G_scaled[q0, q1] - (g00 * u01 + g10 * u11)
     s11 = unit[q1, 0] + G_scaled[q1, q1] - (g01 * u01 + g11 * u11)
-    t1 = unit[q1, 1] + b[q1] / sigma2 - (g01 * m0 + g11 * m1)
+    t1 = unit[q1, 1] + b[q1] - (g01 * m0 + g11 * m1)
     det = s00 * s11 - s01 * s01
     n0, n1 = (s11 * t0 - s01 * t1) / det, (s00 * t1 - s01 * t0) / det
     moments[0, row], moments[1, row] = m0 - (u00 * n0 + u01 * n1), m1 - (u10 * n0 + u11 * n1)
@@ -348,13 +349,12 @@ def _candidates(C, W, H):
 @njit(**JIT)
 def _score(theta, B, n, tail, cand, rows, count, lpj, units, ks, moments, scratch, means):
     """For the candidates c = rows[:count] of patch n: lpj[c] = log p(y_n, cand[c]) = const_A + ½ rᵀm + tail
-    with r = c_A + b_A/σ², m = M_A⁻¹ r (b = B[n] = Wᵀy_n); also ks[c] = k, units[:k, c] = A (for k ≤ 2:
+    with r = c_A + b_A, m = M_A⁻¹ r (b = B[n] = Wᵀy_n/σ²); also ks[c] = k, units[:k, c] = A (for k ≤ 2:
     units[:2, c] = (h, l) as in ``_first_two``) and, with ``means``, moments[:k, c] = m (k ≤ 2: moments[:2, c],
     zeros for absent units). States with k ≤ 2 take one branch-free closed form on the ``pairs`` table, with
     k = 3, 4 and a diagonal Ψ their pair's table row bordered by the others (``_bordered_pair``), others an
     L D Lᵀ factorisation (``_solve_state``)."""
     psi, G_scaled, mu, log_odds, scalars, unit, pairs = theta
-    sigma2 = scalars[0]
     A, work, tmp, _, cvec = scratch
     H = unit.shape[0]
     empty = H * (H + 1) // 2
@@ -366,8 +366,8 @@ def _score(theta, B, n, tail, cand, rows, count, lpj, units, ks, moments, scratc
         ks[c] = k
         if k <= 2:
             t = _pair_row(h, l, H) if k > 0 else empty
-            r0 = pairs[t, 3] + b[h] / sigma2
-            r1 = pairs[t, 4] + b[l] / sigma2
+            r0 = pairs[t, 3] + b[h]
+            r1 = pairs[t, 4] + b[l]
             m0 = pairs[t, 0] * r0 + pairs[t, 1] * r1
             m1 = pairs[t, 1] * r0 + pairs[t, 2] * r1
             units[0, c], units[1, c] = h, l
@@ -378,7 +378,7 @@ def _score(theta, B, n, tail, cand, rows, count, lpj, units, ks, moments, scratc
             for j in range(k):
                 A[j] = units[j, c]
             if diagonal & (k <= 4):     # most k > 2 states (k = 3: ~2/3, k = 4: ~1/3 of them)
-                value = _bordered_pair(G_scaled, unit, log_odds, pairs, b, sigma2, A, k, moments, c)
+                value = _bordered_pair(G_scaled, unit, log_odds, pairs, b, A, k, moments, c)
             elif k == 3:      # full Ψ: the same arithmetic, unrolled for a constant k (no loop branches)
                 value = _solve_state(psi, G_scaled, mu, unit, log_odds, scalars, b, A, 3, work, tmp, cvec, moments, c,
                                      means)
