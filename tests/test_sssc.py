@@ -66,6 +66,29 @@ def test_information_form_with_several_words_and_many_active_units(full_psi):
     np.testing.assert_allclose(lpj, expected, rtol=1e-10, atol=1e-9)
 
 
+@pytest.mark.parametrize("full_psi", [False, True])
+def test_posterior_mean_of_one_state_is_the_gaussian_conditional_mean(full_psi):
+    """With one state per set (q = 1), ⟨s⊙z⟩_n is E[z_A | y_n, s] = M_A⁻¹ (Ψ_AA⁻¹ μ_A + W_Aᵀ y_n/σ²) scattered to
+    A, for every k (k = 3, 4 take the bordered pair form with a diagonal Ψ, larger k the factorisation)."""
+    rng = np.random.default_rng(5)
+    D, H, N = 12, 9, 4
+    p = random_params(rng, D, H, full_psi)
+    Y = rng.standard_normal((N, D)) * 2
+    model = SSSC(H, EvolutionSettings(S=1), psi="full" if full_psi else "diag")
+    psi = p["psi"] if full_psi else np.diag(p["psi"])
+    for k in range(H + 1):
+        state = np.zeros(H, dtype=bool)
+        state[rng.choice(H, size=k, replace=False)] = True
+        A = np.flatnonzero(state)
+        K = np.broadcast_to(pack(state[None]), (N, 1, 1))
+        mean_sz = posterior(*model._scorer(Y, p), K, 1)[2]
+        W_A, psi_inv = p["W"][:, A], np.linalg.inv(psi[np.ix_(A, A)])
+        M = psi_inv + W_A.T @ W_A / p["sigma2"]
+        expected = np.zeros((N, H))
+        expected[:, A] = np.linalg.solve(M, (psi_inv @ p["mu"][A])[:, None] + W_A.T @ Y.T / p["sigma2"]).T
+        np.testing.assert_allclose(mean_sz, expected, rtol=1e-10, atol=1e-10)
+
+
 def exact_model(H, S, psi="diag"):
     return SSSC(H, EvolutionSettings(S=S, parents=min(2, S), children=1), psi=psi)
 
