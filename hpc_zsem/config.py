@@ -292,6 +292,10 @@ class ModelConfig:
                      "noise; pca = the leading principal directions of a patch sample (second moments, scaled by "
                      "the root of their eigenvalues) as the first min(H, D/2) columns (D = pixels per patch), "
                      "the others random; kmeans = k-means centroids of a patch sample")
+    sigma: str = _opt("learned", choice("learned", "pca"), "SSSC: the noise level σ: learned = updated by every "
+                      "M-step (the paper's EM; it also counts fine image texture the model cannot represent as "
+                      "noise); pca = estimated once from the smallest eigenvalue of the training patches' covariance "
+                      "(never told) and held fixed")
     C: int = _opt(100, integer(1, MAX_C), "GPMM: number of classes")
     gamma: str = _opt("shared", choice("shared", "per_class"), "GPMM: Gamma prior shared or per class")
 
@@ -424,6 +428,18 @@ def _sections() -> dict[str, type]:
     """Section name → section dataclass, in schema order."""
     hints = get_type_hints(Config)
     return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def schema_default(key: str, missing: Any = None) -> Any:
+    """The default of the dotted key ``section.name`` as :meth:`Config.to_dict` writes it (tuples as lists), or
+    ``missing`` for an unknown key or one without a default (e.g. a config written before the key existed
+    is read with the default the key has now)."""
+    section, _, name = key.partition(".")
+    cls = _sections().get(section)
+    field = next((f for f in dataclasses.fields(cls) if f.name == name), None) if cls else None
+    if field is None or field.default is dataclasses.MISSING:
+        return missing
+    return _plain(field.default)
 
 
 def schema_help() -> str:

@@ -90,8 +90,9 @@ class Training:
         stats = self.comm.allreduce_stats({
             "n": np.array(float(sum(s.n for s in local))),
             "sum": sum((s.sum for s in local), np.zeros(self.data.grid.dim)),
-            "sum_sq": sum((s.sum_sq for s in local), np.zeros(self.data.grid.dim))})
-        summary = PatchSummary(int(stats["n"]), stats["sum"], stats["sum_sq"])
+            "sum_sq": sum((s.sum_sq for s in local), np.zeros(self.data.grid.dim)),
+            "outer": sum((s.outer for s in local), np.zeros((self.data.grid.dim,) * 2))})
+        summary = PatchSummary(int(stats["n"]), stats["sum"], stats["sum_sq"], stats["outer"])
         self._check_dynamic_range(summary, max((float(np.abs(b.Y).max()) for b in self.blocks if b.Y.size),
                                                default=0.0))
         seed = self.config.training.seed

@@ -3,6 +3,7 @@ request, and resume after SIGKILL (at a random point and in the middle of a chec
 3 → 2 ranks. Subprocesses run a small config (a 64×64 crop of the demo image) with timeouts."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -261,6 +262,20 @@ def test_foreign_checkpoint_is_refused_naming_the_difference(tmp_path):
     est = _fake_checkpoint(config, 2, stage="estimate")
     assert ck.incompatibilities(est, config, "sha256:abc") == []
     assert "training.epochs" in ck.incompatibilities(est, relaxed, "sha256:abc")[0]
+
+
+def test_checkpoint_of_an_older_version_without_a_newer_key_resumes_with_its_default(tmp_path):
+    """A checkpoint whose config predates a key (here model.sigma, added with default 'learned') ran with that
+    default: it resumes under the default and is refused, naming the key, under another value."""
+    import yaml
+
+    config = _small_config(tmp_path)
+    older = yaml.safe_load(config.to_yaml())
+    del older["model"]["sigma"]
+    ckpt = dataclasses.replace(_fake_checkpoint(config, 4), config_yaml=yaml.safe_dump(older))
+    assert ck.incompatibilities(ckpt, config, "sha256:abc") == []
+    problems = ck.incompatibilities(ckpt, _small_config(tmp_path, "model.sigma=pca"), "sha256:abc")
+    assert problems == ["model.sigma: 'learned' in the checkpoint, 'pca' now"]
 
 
 def test_cli_refuses_foreign_checkpoint_and_restart_ignores_it(tmp_path):

@@ -57,6 +57,7 @@ import h5py
 import numpy as np
 import yaml
 
+from hpc_zsem.config import schema_default
 from hpc_zsem.errors import ConfigError, InputError
 from hpc_zsem.io.paths import is_hdf5_file, refuse_foreign, root_attribute
 from hpc_zsem.io.results import fsync_path, hdf5_image, plain_value, write_atomically
@@ -391,8 +392,9 @@ def incompatibilities(ckpt: Checkpoint, config, input_checksum: str) -> list[str
     for key in sorted(set(old) | set(new)):
         if key.startswith(MAY_DIFFER):
             continue
-        if old.get(key, "<absent>") != new.get(key, "<absent>"):
-            problems.append(f"{key}: {old.get(key, '<absent>')!r} in the checkpoint, {new.get(key, '<absent>')!r} now")
+        before = old.get(key, schema_default(key, "<absent>"))      # a key added since: its default then
+        if before != new.get(key, "<absent>"):
+            problems.append(f"{key}: {before!r} in the checkpoint, {new.get(key, '<absent>')!r} now")
     if ckpt.input_checksum != input_checksum:
         problems.append(f"input {config.input.path}: content differs (checksum {ckpt.input_checksum} in the "
                         f"checkpoint, {input_checksum} now)")

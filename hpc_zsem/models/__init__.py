@@ -16,7 +16,7 @@ def build_model(config) -> PatchModel:
     t = config.truncation
     settings = EvolutionSettings(S=t.S, parents=t.parents, children=t.children, generations=t.generations,
                                  selection=t.selection, mutation=t.mutation, crossover=t.crossover)
-    return SSSC(config.model.H, settings, psi=config.model.psi, init=config.model.init)
+    return SSSC(config.model.H, settings, psi=config.model.psi, init=config.model.init, sigma=config.model.sigma)
 
 
 __all__ = ["PatchModel", "PatchSummary", "build_model"]

@@ -34,6 +34,7 @@ SIGMA2_ABSOLUTE_FLOOR = 1e-20  # σ² never below this, whatever the data (an al
 UNUSED_MASS = 1e-10        # a latent with Σ_n⟨s_h⟩ below this (× N) is "never used" in the M-step
 
 INITS = ("random", "pca", "kmeans")   # model.init: how W is initialised (see SSSC.init_params)
+SIGMAS = ("learned", "pca")           # model.sigma: σ² by every M-step, or estimated once and held (init_params)
 KMEANS_ITERATIONS = 25     # Lloyd iterations of the k-means initialisation (on the ≤ 4096-patch sample)
 
 log = logging.getLogger("hpc_zsem")
@@ -44,13 +45,17 @@ class SSSC:
 
     name = "sssc"
 
-    def __init__(self, H: int, evolution: EvolutionSettings, psi: str = "diag", init: str = "random"):
+    def __init__(self, H: int, evolution: EvolutionSettings, psi: str = "diag", init: str = "random",
+                 sigma: str = "learned"):
         if psi not in ("diag", "full"):
             raise ValueError(f"psi must be 'diag' or 'full', got {psi!r}")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if sigma not in SIGMAS:
+            raise ValueError(f"sigma must be one of {SIGMAS}, got {sigma!r}")
         self.H = H
         self.init = init
+        self.learn_sigma = sigma == "learned"
         self.evolution = evolution
         self.full_psi = psi == "full"
         self._reported: set[str] = set()
@@ -73,6 +78,8 @@ class SSSC:
           by √λ_h so that z_h ~ N(0, 1) spans the sample's spread along u_h; the other columns as ``random``;
         - ``kmeans``: H centroids of the sample (k-means++ seeding, Lloyd iterations), each a typical patch.
         The data-driven columns get 0.01·√σ²₀·N(0, 1) per entry (ties between equal columns break at once).
+        With ``sigma="pca"`` the model's σ² is instead the noise level of the patches' covariance
+        (``PatchSummary.noise_variance``), held fixed by the M-steps.
         The sample is identical on every rank and so is ``rng``: Θ₀ is too."""
         H = self.H
         sigma2 = max(float(summary.variance.mean()), VARIANCE_FLOOR)
@@ -82,6 +89,12 @@ class SSSC:
         if self.init != "random" and sample.shape[0] > 0:
             data = pca_columns(sample, H) if self.init == "pca" else kmeans_centroids(sample, H, rng).T
             W[:, :data.shape[1]] = data + 0.01 * np.sqrt(sigma2) * rng.standard_normal(data.shape)
+        if not self.learn_sigma:
+            estimate = summary.noise_variance()
+            log.info("noise level σ = %.4g from the smallest eigenvalue of the patch covariance, held fixed "
+                     "(model.sigma: pca)", np.sqrt(estimate))
+            sigma2 = max(estimate, VARIANCE_FLOOR * float(summary.sum_sq.sum()) / (summary.n * D),
+                         SIGMA2_ABSOLUTE_FLOOR)
         return {"W": W, "pi": np.full(H, min(2.0 / H, 0.5)), "mu": np.zeros(H),
                 "psi": np.eye(H) if self.full_psi else np.ones(H), "sigma2": np.array(sigma2)}
 
@@ -191,7 +204,6 @@ class SSSC:
         """Closed-form exact EM updates (DESIGN.md §1.1); a pure function of (params, stats), so every MPI
         rank computes the same Θ. Latents that no patch uses keep their old W column, μ_h and Ψ_hh."""
         N = float(stats["N"])
-        D = params["W"].shape[0]
         S_s, S_sz, S_szsz, S_ysz = stats["S_s"], stats["S_sz"], stats["S_szsz"], stats["S_ysz"]
         used = S_s > UNUSED_MASS * N
         if not used.all():
@@ -205,12 +217,17 @@ class SSSC:
         else:
             psi = np.where(used, np.diagonal(S_szsz) / safe_S_s - mu**2, params["psi"])
             psi = np.maximum(psi, VARIANCE_FLOOR * max(1.0, float(np.abs(psi).max())))
+        return {"W": W, "pi": pi, "mu": mu, "psi": psi,
+                "sigma2": self._sigma2(stats, W, S_ysz, S_szsz) if self.learn_sigma else params["sigma2"]}
+
+    def _sigma2(self, stats: dict[str, np.ndarray], W: np.ndarray, S_ysz: np.ndarray, S_szsz: np.ndarray) -> np.ndarray:
+        """σ² = (Σ‖y‖² − 2 tr(Wᵀ S_ysz) + tr(WᵀW S_szsz)) / (N·D), the mean squared residual, floored."""
+        N, D = float(stats["N"]), W.shape[0]
         residual = float(stats["yy"]) - 2.0 * np.sum(W * S_ysz) + np.sum((W.T @ W) * S_szsz)
         floor = max(VARIANCE_FLOOR * float(stats["yy"]) / (N * D), SIGMA2_ABSOLUTE_FLOOR)
         if residual / (N * D) < floor:
             self._repaired(f"σ² → 0 (the model explains the data exactly); floored at {floor:.3g}")
-        sigma2 = max(residual / (N * D), floor)
-        return {"W": W, "pi": pi, "mu": mu, "psi": psi, "sigma2": np.array(sigma2)}
+        return np.array(max(residual / (N * D), floor))
 
     def noise_variance(self, params: dict[str, np.ndarray]) -> float:
         return float(params["sigma2"])
