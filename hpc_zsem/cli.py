@@ -49,7 +49,7 @@ def _run_locked(args: argparse.Namespace, lock) -> int:
     from hpc_zsem.config import load_config
     from hpc_zsem.io.checkpoint import check_checkpoint_path, find_resumable
     from hpc_zsem.io.paths import check_run_paths, locked_paths, lock_path
-    from hpc_zsem.parallel import get_comm, install_abort_on_exception, limit_blas_threads
+    from hpc_zsem.parallel import default_threads, get_comm, install_abort_on_exception, limit_blas_threads
     from hpc_zsem.variational.kernel import set_threads
     from hpc_zsem import pipeline, sections, signals
 
@@ -79,10 +79,13 @@ def _run_locked(args: argparse.Namespace, lock) -> int:
             print(f"hpc-zsem: error: {payload}", file=sys.stderr)
         return 2
     config, per_section = payload
-    threads = args.threads or config.resources.threads or 1
+    node_ranks = comm.ranks_on_this_node()
+    threads = args.threads or config.resources.threads or default_threads(node_ranks)
     set_threads(threads)
     if comm.rank == 0:
-        logging.getLogger("hpc_zsem").info("%d rank(s) × %d thread(s) per rank", comm.size, threads)
+        logging.getLogger("hpc_zsem").info(
+            "%d rank(s) × %d thread(s) per rank%s", comm.size, threads, "" if args.threads or config.resources.threads
+            else f" (the CPUs this process may use, shared by the {node_ranks} rank(s) on its node; --threads sets it)")
     # BLAS is ~3 % of an SSSC E-step and its idle threads slow the kernel down: one BLAS thread there; GPMM's
     # E-step is one BLAS product per block and gets the rank's threads.
     with limit_blas_threads(1 if config.model.name == "sssc" else threads):
@@ -247,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "its first checkpoint); by default a run resumes from its checkpoint")
     run.add_argument("--threads", type=_count(0), default=0,
                      help="threads per rank for the E-step kernel (ranks × threads = the cores of the job; "
-                          "default: resources.threads, else 1; results do not depend on it)")
+                          "default: resources.threads, else SLURM's --cpus-per-task, else the CPUs this process may "
+                          "use shared by the ranks on its node; results do not depend on it)")
     run.set_defaults(func=_cmd_run)
 
     info = sub.add_parser("info", help="show what a result or checkpoint file holds")

@@ -382,8 +382,9 @@ def memory_size() -> Validator:
 @dataclass(frozen=True)
 class ResourcesConfig:
     threads: int = _opt(0, integer(0, 1024), "threads of the E-step kernel in each rank; ranks × threads should be "
-                        "the cores of the job; 0 = 1 (hpc-zsem run --threads overrides it; results do not depend "
-                        "on it)")
+                        "the cores of the job; 0 = SLURM's --cpus-per-task where set, else the CPUs the process may "
+                        "use shared by the ranks on its node (hpc-zsem run --threads overrides it; results do not "
+                        "depend on it)")
     max_memory_per_rank: int | None = _opt(None, memory_size(), "refuse to start when the estimated memory per "
                                            "rank exceeds this (e.g. 4GiB); null = the memory of this machine, its "
                                            "SLURM allocation or cgroup limit (the smallest), shared by the ranks on "

@@ -68,6 +68,9 @@ class SerialComm:
     rank = 0
     size = 1
 
+    def ranks_on_this_node(self) -> int:
+        return 1
+
     def allreduce_stats(self, stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {k: np.asarray(v, dtype=np.float64) for k, v in stats.items()}
 
@@ -104,6 +107,14 @@ class MPIComm:
         self._comm = mpi_module.COMM_WORLD
         self.rank = self._comm.Get_rank()
         self.size = self._comm.Get_size()
+
+    def ranks_on_this_node(self) -> int:
+        """How many ranks share this rank's node (collective: every rank calls it)."""
+        node = self._comm.Split_type(self._MPI.COMM_TYPE_SHARED)
+        try:
+            return node.Get_size()
+        finally:
+            node.Free()
 
     def allreduce_stats(self, stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Σ over ranks of each array of ``stats``. Ranks may hold different keys (a rank without patches
@@ -142,6 +153,17 @@ class MPIComm:
     def abort(self, message: str, code: int = 1) -> None:
         print(f"[rank {self.rank}] {message}", file=sys.stderr, flush=True)
         self._comm.Abort(code)
+
+
+def default_threads(ranks_on_node: int) -> int:
+    """Kernel threads per rank when none are asked for: SLURM's ``--cpus-per-task`` where it is set, else the
+    CPUs this process may run on (its affinity: all of the node's, or what a scheduler or ``taskset`` allows)
+    shared among the ranks on its node; at least 1."""
+    cpus_per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if cpus_per_task.isdigit() and int(cpus_per_task) > 0:
+        return int(cpus_per_task)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // max(1, ranks_on_node))
 
 
 def _mpi() -> ModuleType | None:

@@ -186,6 +186,18 @@ def test_hpc_zsem_run_gives_the_same_image_on_one_and_two_threads(tmp_path):
     np.testing.assert_array_equal(results[0]["params"]["W"], results[1]["params"]["W"])
 
 
+def test_default_threads_follow_slurm_then_the_affinity_shared_by_the_node_ranks(monkeypatch):
+    from hpc_zsem.parallel import default_threads
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert [default_threads(n) for n in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    assert default_threads(4) == 3
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "")
+    assert default_threads(4) == 2
+
+
 def test_counter_numbers_are_those_of_patch_random():
     """The kernel's SplitMix64 (used by evolution.draw for a PatchRandom) gives PatchRandom's numbers bit for
     bit, call after call, on one thread and split among two."""
