@@ -269,7 +269,7 @@ def test_checkpoint_of_an_older_version_without_a_newer_key_resumes_with_its_def
     default: it resumes under the default and is refused, naming the key, under another value."""
     import yaml
 
-    config = _small_config(tmp_path)
+    config = _small_config(tmp_path, "model.sigma=learned")
     older = yaml.safe_load(config.to_yaml())
     del older["model"]["sigma"]
     ckpt = dataclasses.replace(_fake_checkpoint(config, 4), config_yaml=yaml.safe_dump(older))

@@ -51,6 +51,7 @@ ZERO, ONE, TWO, NO = np.int64(0), np.int64(1), np.int64(2), np.bool_(False)
 SELECTIONS = ("fitness", "uniform", "best")      # codes 0, 1, 2 in the kernel
 MUTATIONS = ("random", "sparse")                 # codes 0, 1
 STATS_PARTS = 4          # parts of a block whose sums are added in order (threads take whole parts)
+WELL_CONDITIONED = 1e-3  # _bordered_pair: a Schur complement below this share of its diagonal is factorised instead
 _ONE = np.uint64(1)
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)   # 2⁶⁴/φ: the hash multiplier and SplitMix64's increment
 
@@ -254,16 +255,23 @@ def _bordered_pair(G_scaled, unit, log_odds, pairs, b, A, k, moments, row):
         rᵀ M_A⁻¹ r = r_Pᵀ m_P⁰ + tᵀ S⁻¹ t,   log det M_A = log det M_P + log det S,
         const_A = const_P + Σ_{h∈Q} (log-odds_h − ½ log ψ_h − ½ μ_h²/ψ_h) − ½ log det S
     (G_PQ etc. from G/σ², M_Q = diag(1/ψ_Q) + G_QQ/σ², r = c + b, b = Wᵀy/σ²); with k = 3 S is a number. m = (m_P, m_Q)
-    goes to moments[:k, row]. log det S is NaN when M_A is not positive definite, as in ``_solve_state``."""
+    goes to moments[:k, row]. Returns NaN where the elimination would lose more than ~3 digits — a nearly
+    singular M_P (correlation of its two units above 0.9995) or S below 10⁻³ of the diagonal it comes from
+    (nearly parallel columns of W, e.g. a model of constant patches) — and ``_score`` then factorises M_A."""
     p0, p1, q0 = A[0], A[1], A[2]
     t = _pair_row(p0, p1, unit.shape[0])
     c00, c01, c11 = pairs[t, 0], pairs[t, 1], pairs[t, 2]
+    if not c01 * c01 < 0.999 * (c00 * c11):
+        return np.nan
     r0, r1 = pairs[t, 3] + b[p0], pairs[t, 4] + b[p1]
     m0, m1 = c00 * r0 + c01 * r1, c01 * r0 + c11 * r1
     value = pairs[t, 5] + 0.5 * (r0 * m0 + r1 * m1)
     g00, g10 = G_scaled[p0, q0], G_scaled[p1, q0]
     u00, u10 = c00 * g00 + c01 * g10, c01 * g00 + c11 * g10
-    s00 = unit[q0, 0] + G_scaled[q0, q0] - (g00 * u00 + g10 * u10)
+    d0 = unit[q0, 0] + G_scaled[q0, q0]
+    s00 = d0 - (g00 * u00 + g10 * u10)
+    if not s00 > WELL_CONDITIONED * d0:
+        return np.nan
     t0 = unit[q0, 1] + b[q0] - (g00 * m0 + g10 * m1)
     value += log_odds[q0] - 0.5 * (unit[q0, 2] + unit[q0, 3])
     if k == 3:
@@ -274,7 +282,10 @@ def _bordered_pair(G_scaled, unit, log_odds, pairs, b, A, k, moments, row):
     g01, g11 = G_scaled[p0, q1], G_scaled[p1, q1]
     u01, u11 = c00 * g01 + c01 * g11, c01 * g01 + c11 * g11
     s01 = G_scaled[q0, q1] - (g00 * u01 + g10 * u11)
-    s11 = unit[q1, 0] + G_scaled[q1, q1] - (g01 * u01 + g11 * u11)
+    d1 = unit[q1, 0] + G_scaled[q1, q1]
+    s11 = d1 - (g01 * u01 + g11 * u11)
+    if not (s11 > WELL_CONDITIONED * d1) & (s01 * s01 < 0.999 * (s00 * s11)):
+        return np.nan
     t1 = unit[q1, 1] + b[q1] - (g01 * m0 + g11 * m1)
     det = s00 * s11 - s01 * s01
     n0, n1 = (s11 * t0 - s01 * t1) / det, (s00 * t1 - s01 * t0) / det
@@ -377,14 +388,16 @@ def _score(theta, B, n, tail, cand, rows, count, lpj, units, ks, moments, scratc
             _active_units(cand, c, units)
             for j in range(k):
                 A[j] = units[j, c]
+            value = np.nan
             if diagonal & (k <= 4):     # most k > 2 states (k = 3: ~2/3, k = 4: ~1/3 of them)
                 value = _bordered_pair(G_scaled, unit, log_odds, pairs, b, A, k, moments, c)
-            elif k == 3:      # full Ψ: the same arithmetic, unrolled for a constant k (no loop branches)
-                value = _solve_state(psi, G_scaled, mu, unit, log_odds, scalars, b, A, 3, work, tmp, cvec, moments, c,
-                                     means)
-            else:
-                value = _solve_state(psi, G_scaled, mu, unit, log_odds, scalars, b, A, k, work, tmp, cvec, moments, c,
-                                     means)
+            if not np.isfinite(value):  # full Ψ, k > 4, or a Schur complement lost to cancellation (nearly
+                if k == 3:              # parallel columns of W): L D Lᵀ, unrolled for a constant k = 3
+                    value = _solve_state(psi, G_scaled, mu, unit, log_odds, scalars, b, A, 3, work, tmp, cvec,
+                                         moments, c, means)
+                else:
+                    value = _solve_state(psi, G_scaled, mu, unit, log_odds, scalars, b, A, k, work, tmp, cvec,
+                                         moments, c, means)
         lpj[c] = value + tail
 
 
