@@ -60,11 +60,13 @@ def _run_locked(args: argparse.Namespace, lock) -> int:
     # Expected errors are found on rank 0 and broadcast, so every rank exits with the same message and code.
     outcome: tuple[str, Any] | None = None
     resume = None
+    node_ranks = comm.ranks_on_this_node()
     if comm.rank == 0:
         try:
             config = load_config(args.config, args.set)
             check_run_paths(config)
-            n_sections = pipeline.preflight(config, args.overwrite, comm.size)
+            threads = args.threads or config.resources.threads or default_threads(node_ranks)
+            n_sections = pipeline.preflight(config, args.overwrite, comm.size, threads)
             check_checkpoint_path(config)
             lock.acquire([lock_path(p) for _, p in locked_paths(config)])
             per_section = config.training.per_section and n_sections > 1
@@ -79,16 +81,15 @@ def _run_locked(args: argparse.Namespace, lock) -> int:
             print(f"hpc-zsem: error: {payload}", file=sys.stderr)
         return 2
     config, per_section = payload
-    node_ranks = comm.ranks_on_this_node()
     threads = args.threads or config.resources.threads or default_threads(node_ranks)
     set_threads(threads)
     if comm.rank == 0:
         logging.getLogger("hpc_zsem").info(
             "%d rank(s) × %d thread(s) per rank%s", comm.size, threads, "" if args.threads or config.resources.threads
             else f" (the CPUs this process may use, shared by the {node_ranks} rank(s) on its node; --threads sets it)")
-    # BLAS is ~3 % of an SSSC E-step and its idle threads slow the kernel down: one BLAS thread there; GPMM's
-    # E-step is one BLAS product per block and gets the rank's threads.
-    with limit_blas_threads(1 if config.model.name == "sssc" else threads):
+    # One BLAS thread: the kernel threads take whole blocks (kernel.map_in_order), each with its own BLAS calls
+    # (GPMM's E-step is one BLAS product per block), so BLAS threads would only oversubscribe the cores.
+    with limit_blas_threads(1):
         try:
             if per_section:
                 sections.run_per_section(config, comm, overwrite=args.overwrite, restart=args.restart, stop=stop)

@@ -28,9 +28,10 @@ from hpc_zsem.units import format_seconds
 log = logging.getLogger("hpc_zsem")
 
 
-def preflight(config: Config, overwrite: bool, ranks: int = 1) -> int:
+def preflight(config: Config, overwrite: bool, ranks: int = 1, threads: int = 1) -> int:
     """Cheap checks before any heavy work (run on rank 0): output writable, input readable (headers only)
-    and large enough, and the memory estimate within ``resources.max_memory_per_rank``. Returns the number
+    and large enough, and the memory estimate (``ranks`` × ``threads``) within ``resources.max_memory_per_rank``.
+    Returns the number
     of sections of the (cropped) input: 1 for a 2-D image."""
     check_output_path(config.output.path, overwrite)
     plane, n_sections = input_geometry(config)
@@ -38,7 +39,7 @@ def preflight(config: Config, overwrite: bool, ranks: int = 1) -> int:
     if h > plane[0] or w > plane[1]:
         raise InputError(f"{config.input.path}: the image ({plane[0]}×{plane[1]} after crop/downsample) is "
                          f"smaller than patches.size {[h, w]}")
-    check_memory(memory_per_rank(config, plane, n_sections, ranks)[0], config.resources.max_memory_per_rank)
+    check_memory(memory_per_rank(config, plane, n_sections, ranks, threads)[0], config.resources.max_memory_per_rank)
     return n_sections
 
 

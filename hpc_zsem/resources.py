@@ -10,7 +10,8 @@ also receives the reduced pixel sums):
 
 ``patches``             the rank's patch data, float64: n_rank · D · 8
 ``truncated_sets``      SSSC: the rank's K_n, bit-packed: n_rank · S · ⌈H/64⌉ · 8
-``estep_temporaries``   SSSC: the peak of one E-step on one block (see below)
+``estep_temporaries``   SSSC: the peak of one E-step on one block (see below), times the blocks in flight
+                        (one per kernel thread)
 ``gpmm_temporaries``    GPMM: (N_block × C) float64 arrays of one E-step: N_block · C · 64
 ``accumulators``        count, Σ(ŷ−y), Σ(ŷ−y)² per pixel in float64, plus the reduced copy on rank 0: 48 · pixels
 ``image``               the input image as float64 (GPMM also keeps the count image): 8 (16) · pixels
@@ -73,8 +74,9 @@ def _patches_on_busiest_rank(n_patches_total: int, ranks: int, block_size: int) 
 def estimate_memory_per_rank(n_patches_total: int, ranks: int, D: int, model: str, H: int, S: int,
                              candidates_per_patch: int, C: int, block_size: int, image_pixels: int,
                              *, tile_pixels: int | None = None, parents: int = 0, mutation: str = "random",
-                             crossover: bool = False, full_psi: bool = False) -> MemoryEstimate:
-    """Bytes by component on the busiest rank (see the module docstring) and ``"total"``.
+                             crossover: bool = False, full_psi: bool = False, threads: int = 1) -> MemoryEstimate:
+    """Bytes by component on the busiest rank (see the module docstring) and ``"total"``; with ``threads`` kernel
+    threads per rank as many blocks are in flight at once, each with its E-step temporaries.
 
     ``candidates_per_patch`` = parents · children · generations (the children scored per patch and E-step);
     ``parents``, ``mutation``, ``crossover`` and ``full_psi`` as in the config; ``image_pixels`` the image held in
@@ -86,6 +88,7 @@ def estimate_memory_per_rank(n_patches_total: int, ranks: int, D: int, model: st
     block_size = max(1, int(block_size))
     n_rank = _patches_on_busiest_rank(int(n_patches_total), int(ranks), block_size)
     block = min(block_size, n_rank)
+    in_flight = max(1, min(int(threads), -(-n_rank // block))) if n_rank else 1
     out = dict.fromkeys(COMPONENTS, 0)
     out["patches"] = n_rank * D * 8
     if model == "sssc":
@@ -94,9 +97,9 @@ def estimate_memory_per_rank(n_patches_total: int, ranks: int, D: int, model: st
         out["truncated_sets"] = n_rank * S * words * 8
         per_patch = 16 * H + 24 * S + 8 * S * words + 16 * c
         per_patch += (8 * c * H if mutation == "sparse" else 0) + (8 * parents * H if crossover else 0)
-        out["estep_temporaries"] = block * per_patch + 8 * H * H * (3 + 4 * (3 if full_psi else 1))
+        out["estep_temporaries"] = in_flight * (block * per_patch + 8 * H * H * (3 + 4 * (3 if full_psi else 1)))
     else:
-        out["gpmm_temporaries"] = block * C * GPMM_BYTES_PER_PATCH_CLASS
+        out["gpmm_temporaries"] = in_flight * block * C * GPMM_BYTES_PER_PATCH_CLASS
     out["accumulators"] = (image_pixels if tile_pixels is None else tile_pixels) * ACCUMULATOR_BYTES_PER_PIXEL
     out["image"] = image_pixels * (16 if model == "gpmm" else 8)
     out["total"] = sum(out[c] for c in COMPONENTS)
@@ -104,7 +107,7 @@ def estimate_memory_per_rank(n_patches_total: int, ranks: int, D: int, model: st
     result.inputs = dict(n_patches_total=n_patches_total, ranks=ranks, D=D, model=model, H=H, S=S,
                          candidates_per_patch=candidates_per_patch, C=C, block_size=block_size,
                          image_pixels=image_pixels, tile_pixels=tile_pixels, parents=parents, mutation=mutation,
-                         crossover=crossover, full_psi=full_psi)
+                         crossover=crossover, full_psi=full_psi, threads=threads)
     return result
 
 
@@ -281,8 +284,10 @@ def trains_on_sample(config: Config, n_patches: int) -> bool:
     return config.training.max_patches is not None and config.training.max_patches < n_patches
 
 
-def memory_per_rank(config: Config, plane: tuple[int, int], n_sections: int, ranks: int) -> tuple[MemoryEstimate, int]:
-    """The memory estimate of the busiest rank (:func:`estimate_memory_per_rank`) for this config on an input of
+def memory_per_rank(config: Config, plane: tuple[int, int], n_sections: int, ranks: int,
+                    threads: int = 1) -> tuple[MemoryEstimate, int]:
+    """The memory estimate of the busiest rank (:func:`estimate_memory_per_rank`, ``threads`` per rank) for this
+    config on an input of
     ``n_sections`` planes of shape ``plane``, and the number of training patches: the image is held in memory
     only when every patch trains (one section at a time with ``training.per_section``); the estimation pass
     holds one tile (``estimation.tile``, at most the plane)."""
@@ -298,7 +303,7 @@ def memory_per_rank(config: Config, plane: tuple[int, int], n_sections: int, ran
         block_size=config.training.block_size,
         image_pixels=0 if trains_on_sample(config, grid.n_patches) else sections * plane[0] * plane[1],
         tile_pixels=(tile[0] + h) * (tile[1] + w), parents=t.parents, mutation=t.mutation, crossover=t.crossover,
-        full_psi=config.model.psi == "full")
+        full_psi=config.model.psi == "full", threads=threads)
     return estimate, n_train
 
 

@@ -73,13 +73,13 @@ def template_dir() -> Path:
     return jobs_dir()
 
 
-def memory_estimate(config, ranks: int) -> tuple[dict[str, int], int]:
+def memory_estimate(config, ranks: int, threads: int = 1) -> tuple[dict[str, int], int]:
     """(bytes by part of :data:`PARTS` on the busiest rank — ``"gathered"`` only on rank 0 while it writes a
     checkpoint —, training patches) for the config's input (headers only); see the module docstring."""
     from hpc_zsem.resources import COMPONENTS, input_geometry, memory_per_rank
 
     plane, n_sections = input_geometry(config)
-    estimate, n_train = memory_per_rank(config, plane, n_sections, ranks)
+    estimate, n_train = memory_per_rank(config, plane, n_sections, ranks, threads)
     t = config.truncation
     gathered = 3 * n_train * t.S * math.ceil(config.model.H / 64) * 8 if config.model.name == "sssc" else 0
     return {**{c: estimate[c] for c in COMPONENTS}, "baseline": BASELINE, "gathered": gathered}, n_train
@@ -191,7 +191,7 @@ def render(config_path: str, config, template: str, ranks: int, nodes: int, time
     if not path.is_file():
         raise InputError(f"{path}: job template not found (hpc-zsem slurm needs the jobs/ directory of a source "
                          "checkout)")
-    parts, n_train = memory_estimate(config, ranks)
+    parts, n_train = memory_estimate(config, ranks, cpus)
     per_rank = sum(parts.values()) - parts["gathered"]
     mem_per_cpu = math.ceil(sum(parts.values()) / cpus / (100 * MB)) * 100
     ranks_per_node = math.ceil(ranks / nodes)

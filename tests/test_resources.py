@@ -101,6 +101,20 @@ def test_more_ranks_never_need_more_memory():
     assert totals[-1] == totals[-2]
 
 
+def test_each_kernel_thread_holds_one_block_of_temporaries():
+    """Threads take whole blocks, so the temporaries scale with the threads — up to the rank's blocks."""
+    args = dict(n_patches_total=10 * 1024, ranks=1, D=64, model="sssc", H=64, S=60, candidates_per_patch=20, C=1,
+                block_size=1024, image_pixels=10**4)
+    one, four = estimate_memory_per_rank(**args), estimate_memory_per_rank(**args, threads=4)
+    assert four["estep_temporaries"] == 4 * one["estep_temporaries"] > 0
+    assert four["total"] - one["total"] == 3 * one["estep_temporaries"]
+    assert estimate_memory_per_rank(**{**args, "n_patches_total": 2048}, threads=4)["estep_temporaries"] == \
+        2 * estimate_memory_per_rank(**{**args, "n_patches_total": 2048})["estep_temporaries"]
+    gpmm = {**args, "model": "gpmm", "C": 100}
+    assert estimate_memory_per_rank(**gpmm, threads=2)["gpmm_temporaries"] == \
+        2 * estimate_memory_per_rank(**gpmm)["gpmm_temporaries"]
+
+
 def test_check_memory_passes_under_the_limit_and_without_one():
     est = estimate_memory_per_rank(1000, 1, 64, "sssc", 64, 60, 20, 1, 1024, 10**4)
     check_memory(est, est["total"])
