@@ -43,13 +43,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
         lock.release()
 
 
+def _threads(args: argparse.Namespace, config, node_ranks: int) -> int:
+    """Kernel threads per rank: --threads, else resources.threads, else ``parallel.default_threads`` for the
+    ``node_ranks`` ranks on this node."""
+    from hpc_zsem.parallel import default_threads
+
+    return args.threads or config.resources.threads or default_threads(node_ranks)
+
+
 def _run_locked(args: argparse.Namespace, lock) -> int:
     """``hpc-zsem run``; rank 0 takes ``lock`` (a :class:`~hpc_zsem.io.runlock.RunLock`) on the run's output
     and checkpoint after the cheap checks and before it reads a checkpoint; the caller releases it."""
     from hpc_zsem.config import load_config
     from hpc_zsem.io.checkpoint import check_checkpoint_path, find_resumable
     from hpc_zsem.io.paths import check_run_paths, locked_paths, lock_path
-    from hpc_zsem.parallel import default_threads, get_comm, install_abort_on_exception, limit_blas_threads
+    from hpc_zsem.parallel import get_comm, install_abort_on_exception, limit_blas_threads
     from hpc_zsem.variational.kernel import set_threads
     from hpc_zsem import pipeline, sections, signals
 
@@ -65,8 +73,7 @@ def _run_locked(args: argparse.Namespace, lock) -> int:
         try:
             config = load_config(args.config, args.set)
             check_run_paths(config)
-            threads = args.threads or config.resources.threads or default_threads(node_ranks)
-            n_sections = pipeline.preflight(config, args.overwrite, comm.size, threads)
+            n_sections = pipeline.preflight(config, args.overwrite, comm.size, _threads(args, config, node_ranks))
             check_checkpoint_path(config)
             lock.acquire([lock_path(p) for _, p in locked_paths(config)])
             per_section = config.training.per_section and n_sections > 1
@@ -81,8 +88,7 @@ def _run_locked(args: argparse.Namespace, lock) -> int:
             print(f"hpc-zsem: error: {payload}", file=sys.stderr)
         return 2
     config, per_section = payload
-    threads = args.threads or config.resources.threads or default_threads(node_ranks)
-    set_threads(threads)
+    threads = set_threads(_threads(args, config, node_ranks))
     if comm.rank == 0:
         logging.getLogger("hpc_zsem").info(
             "%d rank(s) × %d thread(s) per rank%s", comm.size, threads, "" if args.threads or config.resources.threads

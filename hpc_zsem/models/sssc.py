@@ -93,8 +93,7 @@ class SSSC:
             estimate = summary.noise_variance()
             log.info("noise level σ = %.4g from the smallest eigenvalue of the patch covariance, held fixed "
                      "(model.sigma: pca)", np.sqrt(estimate))
-            sigma2 = max(estimate, VARIANCE_FLOOR * float(summary.sum_sq.sum()) / (summary.n * D),
-                         SIGMA2_ABSOLUTE_FLOOR)
+            sigma2 = max(estimate, _sigma2_floor(float(summary.sum_sq.sum()), summary.n, D))
         return {"W": W, "pi": np.full(H, min(2.0 / H, 0.5)), "mu": np.zeros(H),
                 "psi": np.eye(H) if self.full_psi else np.ones(H), "sigma2": np.array(sigma2)}
 
@@ -224,13 +223,18 @@ class SSSC:
         """σ² = (Σ‖y‖² − 2 tr(Wᵀ S_ysz) + tr(WᵀW S_szsz)) / (N·D), the mean squared residual, floored."""
         N, D = float(stats["N"]), W.shape[0]
         residual = float(stats["yy"]) - 2.0 * np.sum(W * S_ysz) + np.sum((W.T @ W) * S_szsz)
-        floor = max(VARIANCE_FLOOR * float(stats["yy"]) / (N * D), SIGMA2_ABSOLUTE_FLOOR)
+        floor = _sigma2_floor(float(stats["yy"]), N, D)
         if residual / (N * D) < floor:
             self._repaired(f"σ² → 0 (the model explains the data exactly); floored at {floor:.3g}")
         return np.array(max(residual / (N * D), floor))
 
     def noise_variance(self, params: dict[str, np.ndarray]) -> float:
         return float(params["sigma2"])
+
+
+def _sigma2_floor(yy: float, N: float, D: int) -> float:
+    """The smallest σ²: VARIANCE_FLOOR × the mean squared pixel value Σ‖y‖²/(N·D), at least SIGMA2_ABSOLUTE_FLOOR."""
+    return max(VARIANCE_FLOOR * yy / (N * D), SIGMA2_ABSOLUTE_FLOOR)
 
 
 def pca_columns(sample: np.ndarray, H: int) -> np.ndarray:

@@ -9,9 +9,11 @@ take B = Y W/σ², one row per patch, divided once per block instead of once per
     const_A = log p(s) − ½ log det Ψ_AA − ½ log det M_A − ½ μ_Aᵀ c_A,   tail_n = −½ ‖y_n‖²/σ² − D/2·log(2πσ²)
 The state-only terms (M_A⁻¹, c_A, const_A) of every state with k ≤ 2 are tabulated once per Θ (``theta_terms``) in
 one table, the single-unit and empty states as pairs with exact zeros, so that one branch-free closed form scores
-and accumulates every k ≤ 2 state (≈ 97 % of the truncated sets' states, ≈ 60 % of the children). States with
-k > 2 are factorised where they occur: a square-root-free Cholesky factorisation M_A = L D Lᵀ for the log-joint
-(unrolled for k = 3), a Cholesky factor and its inverse where the statistics need M_A⁻¹.
+and accumulates every k ≤ 2 state (``_pair_form``; with σ learned ≈ 97 % of the truncated sets' states). With a
+diagonal Ψ, states with k = 3 or 4 are scored from their first two units' table row bordered by the others
+(``_bordered_pair``, a Schur complement); the others, and ill-conditioned ones, by a square-root-free Cholesky
+factorisation M_A = L D Lᵀ (unrolled for k = 3), and the statistics of every k > 2 state use a Cholesky factor
+and its inverse for M_A⁻¹.
 
 The kernels release the GIL. A training epoch runs whole blocks concurrently on ``set_threads(n)`` Python
 threads (``map_in_order``: no hand-off between threads inside a block, the blocks' statistics added in block
@@ -247,6 +249,16 @@ def _solve_state(psi, G_scaled, mu, unit, log_odds, scalars, b, A, k, work, tmp,
 
 
 @njit(**INLINE)
+def _pair_form(pairs, t, b0, b1):
+    """(m₀, m₁, const_A + ½ rᵀm) of the state in row t of the k ≤ 2 table for one patch (b₀, b₁ its units' entries
+    of b = Wᵀy/σ²): r = c_A + b_A, m = M_A⁻¹ r from the row's (cov₀₀, cov₀₁, cov₁₁, c₀, c₁, const_A)."""
+    r0, r1 = pairs[t, 3] + b0, pairs[t, 4] + b1
+    m0 = pairs[t, 0] * r0 + pairs[t, 1] * r1
+    m1 = pairs[t, 1] * r0 + pairs[t, 2] * r1
+    return m0, m1, pairs[t, 5] + 0.5 * (r0 * m0 + r1 * m1)
+
+
+@njit(**INLINE)
 def _bordered_pair(G_scaled, unit, log_odds, pairs, b, A, k, moments, row):
     """const_A + ½ rᵀm for a state with k = 3 or 4 active units A[:k] and a diagonal Ψ, from the tabulated pair
     P = {A₀, A₁} (its M_P⁻¹, c_P, const_P) bordered by Q = A[2:k] (block elimination, Schur complement):
@@ -263,9 +275,7 @@ def _bordered_pair(G_scaled, unit, log_odds, pairs, b, A, k, moments, row):
     c00, c01, c11 = pairs[t, 0], pairs[t, 1], pairs[t, 2]
     if not c01 * c01 < 0.999 * (c00 * c11):
         return np.nan
-    r0, r1 = pairs[t, 3] + b[p0], pairs[t, 4] + b[p1]
-    m0, m1 = c00 * r0 + c01 * r1, c01 * r0 + c11 * r1
-    value = pairs[t, 5] + 0.5 * (r0 * m0 + r1 * m1)
+    m0, m1, value = _pair_form(pairs, t, b[p0], b[p1])
     g00, g10 = G_scaled[p0, q0], G_scaled[p1, q0]
     u00, u10 = c00 * g00 + c01 * g10, c01 * g00 + c11 * g10
     d0 = unit[q0, 0] + G_scaled[q0, q0]
@@ -376,14 +386,9 @@ def _score(theta, B, n, tail, cand, rows, count, lpj, units, ks, moments, scratc
         k, h, l = _first_two(cand, c)
         ks[c] = k
         if k <= 2:
-            t = _pair_row(h, l, H) if k > 0 else empty
-            r0 = pairs[t, 3] + b[h]
-            r1 = pairs[t, 4] + b[l]
-            m0 = pairs[t, 0] * r0 + pairs[t, 1] * r1
-            m1 = pairs[t, 1] * r0 + pairs[t, 2] * r1
+            m0, m1, value = _pair_form(pairs, _pair_row(h, l, H) if k > 0 else empty, b[h], b[l])
             units[0, c], units[1, c] = h, l
             moments[0, c], moments[1, c] = m0, m1
-            value = pairs[t, 5] + 0.5 * (r0 * m0 + r1 * m1)
         else:
             _active_units(cand, c, units)
             for j in range(k):
