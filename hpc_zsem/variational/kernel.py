@@ -10,10 +10,11 @@ take B = Y W/σ², one row per patch, divided once per block instead of once per
 The state-only terms (M_A⁻¹, c_A, const_A) of every state with k ≤ 2 are tabulated once per Θ (``theta_terms``) in
 one table, the single-unit and empty states as pairs with exact zeros, so that one branch-free closed form scores
 and accumulates every k ≤ 2 state (``_pair_form``; with σ learned ≈ 97 % of the truncated sets' states). With a
-diagonal Ψ, states with k = 3 or 4 are scored from their first two units' table row bordered by the others
-(``_bordered_pair``, a Schur complement); the others, and ill-conditioned ones, by a square-root-free Cholesky
-factorisation M_A = L D Lᵀ (unrolled for k = 3), and the statistics of every k > 2 state use a Cholesky factor
-and its inverse for M_A⁻¹.
+diagonal Ψ, states with k > 2 are scored, and their M_A⁻¹ formed for the statistics, from their first two units'
+table row bordered by the other units (``_border``: a Schur complement, factorised L D Lᵀ; with σ estimated a
+textured EM image keeps mostly k = 3 … 6). A full Ψ, and states whose elimination would lose digits, take a
+square-root-free Cholesky factorisation M_A = L D Lᵀ (``_solve_state``), and for the statistics a Cholesky factor
+and its inverse.
 
 The kernels release the GIL. A training epoch runs whole blocks concurrently on ``set_threads(n)`` Python
 threads (``map_in_order``: no hand-off between threads inside a block, the blocks' statistics added in block
@@ -53,7 +54,7 @@ ZERO, ONE, TWO, NO = np.int64(0), np.int64(1), np.int64(2), np.bool_(False)
 SELECTIONS = ("fitness", "uniform", "best")      # codes 0, 1, 2 in the kernel
 MUTATIONS = ("random", "sparse")                 # codes 0, 1
 STATS_PARTS = 4          # parts of a block whose sums are added in order (threads take whole parts)
-WELL_CONDITIONED = 1e-3  # _bordered_pair: a Schur complement below this share of its diagonal is factorised instead
+WELL_CONDITIONED = 1e-3  # _border: a pivot below this share of its diagonal hands the state to the factorisation
 _ONE = np.uint64(1)
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)   # 2⁶⁴/φ: the hash multiplier and SplitMix64's increment
 
@@ -160,8 +161,9 @@ def _inverse_from_cholesky(L, k, out):
 
 
 # ----------------------------------------------------------------------------------------------- state terms
-# θ = (Ψ as (1, H) or (H, H), G/σ², μ, log-odds, [σ², log p(0)], per-unit diag-Ψ terms (H, 4) [1/ψ_h, μ_h/ψ_h,
-#      log ψ_h, μ_h²/ψ_h], the table of the states with k ≤ 2 (H(H+1)/2 + 1, 6), see ``_tabulate``).
+# θ = (Ψ as (1, H) or (H, H), G/σ², μ, log-odds, [σ², log p(0)], per-unit diag-Ψ terms (H, 6) [1/ψ_h, μ_h/ψ_h,
+#      log ψ_h, μ_h²/ψ_h, (M_A)_hh = 1/ψ_h + G_hh/σ², log-odds_h − ½ log ψ_h − ½ μ_h²/ψ_h], the table of the states
+#      with k ≤ 2 (H(H+1)/2 + 1, 6), see ``_tabulate``).
 @njit(**INLINE)
 def _precision(psi, G_scaled, mu, unit, log_odds, log_p0, A, k, M, tmp, c):
     """M[:k, :k] = M_A = Ψ_AA⁻¹ + G_AA/σ², c = Ψ_AA⁻¹ μ_A (Ψ diagonal: from the per-unit terms; full: from the
@@ -210,42 +212,61 @@ def _state_terms(theta, A, k, work, tmp, cov, c):
 
 
 @njit(**INLINE)
+def _ldl(M, k, relative):
+    """In place, the square-root-free Cholesky factorisation M[:k, :k] = L D Lᵀ (reads the lower triangle; D goes
+    on the diagonal, the unit lower L below it). Returns log det M = Σ log D_jj (one log per ~150 decades of the
+    running product), or NaN if a pivot D_jj is not above ``relative`` × M_jj (relative = 0: not positive)."""
+    product, log_det = 1.0, 0.0
+    for j in range(k):
+        d = M[j, j]
+        for p in range(j):
+            d -= M[j, p] * M[j, p] * M[p, p]
+        if not d > relative * M[j, j]:
+            return np.nan
+        M[j, j] = d
+        inverse = 1.0 / d
+        for i in range(j + 1, k):
+            s = M[i, j]
+            for p in range(j):
+                s -= M[i, p] * M[j, p] * M[p, p]
+            M[i, j] = s * inverse
+        product *= d
+        if not 1e-150 < product < 1e150:
+            log_det += np.log(product)
+            product = 1.0
+    return log_det + np.log(product)
+
+
+@njit(**INLINE)
+def _ldl_solve(L, k, x, first, row, means):
+    """rᵀ M⁻¹ r for M = L D Lᵀ factorised by ``_ldl`` and r in x[first:first + k, row]: w = L⁻¹ r,
+    rᵀ M⁻¹ r = Σ w_j²/D_jj; with ``means`` x[first:first + k, row] becomes M⁻¹ r = L⁻ᵀ D⁻¹ w (else it holds w)."""
+    rm = 0.0
+    for i in range(k):
+        s = x[first + i, row]
+        for j in range(i):
+            s -= L[i, j] * x[first + j, row]
+        x[first + i, row] = s
+        rm += s * (s / L[i, i])
+    if means:
+        for i in range(k - 1, -1, -1):
+            s = x[first + i, row] / L[i, i]
+            for j in range(i + 1, k):
+                s -= L[j, i] * x[first + j, row]
+            x[first + i, row] = s
+    return rm
+
+
+@njit(**INLINE)
 def _solve_state(psi, G_scaled, mu, unit, log_odds, scalars, b, A, k, work, tmp, c, m, row, means):
     """const_A + ½ rᵀm for one patch (b = Wᵀy/σ²) and a state with k > 2 active units A[:k], with r = c + b_A
     and (with ``means``) m = M_A⁻¹ r into m[:k, row] (else m[:, row] is scratch), by the square-root-free Cholesky
-    factorisation M_A = L D Lᵀ (unit lower L): log det M_A = Σ log D_jj, w = L⁻¹ r, rᵀm = Σ w_j²/D_jj,
-    m = L⁻ᵀ D⁻¹ w."""
+    factorisation M_A = L D Lᵀ (``_ldl``): log det M_A = Σ log D_jj, rᵀm = Σ w_j²/D_jj with w = L⁻¹ r."""
     const = _precision(psi, G_scaled, mu, unit, log_odds, scalars[1], A, k, work, tmp, c)
-    product, log_det = 1.0, 0.0
-    for j in range(k):                                  # L D Lᵀ in place: D on the diagonal, L below it
-        d = work[j, j]
-        for p in range(j):
-            d -= work[j, p] * work[j, p] * work[p, p]
-        work[j, j] = d
-        for i in range(j + 1, k):
-            s = work[i, j]
-            for p in range(j):
-                s -= work[i, p] * work[j, p] * work[p, p]
-            work[i, j] = s / d
-        product *= d
-        if not 1e-150 < product < 1e150:                # one log per pivot only when the product would overflow
-            log_det += np.log(product)
-            product = 1.0
-    log_det += np.log(product)
-    rm = 0.0
-    for i in range(k):                                  # w = L⁻¹ r (into m)
-        s = c[i] + b[A[i]]
-        for j in range(i):
-            s -= work[i, j] * m[j, row]
-        m[i, row] = s
-        rm += s * s / work[i, i]
-    if means:
-        for i in range(k - 1, -1, -1):                  # m = L⁻ᵀ D⁻¹ w
-            s = m[i, row] / work[i, i]
-            for j in range(i + 1, k):
-                s -= work[j, i] * m[j, row]
-            m[i, row] = s
-    return (const - 0.5 * log_det) + 0.5 * rm
+    log_det = _ldl(work, k, 0.0)
+    for i in range(k):
+        m[i, row] = c[i] + b[A[i]]
+    return (const - 0.5 * log_det) + 0.5 * _ldl_solve(work, k, m, 0, row, means)
 
 
 @njit(**INLINE)
@@ -259,50 +280,89 @@ def _pair_form(pairs, t, b0, b1):
 
 
 @njit(**INLINE)
-def _bordered_pair(G_scaled, unit, log_odds, pairs, b, A, k, moments, row):
-    """const_A + ½ rᵀm for a state with k = 3 or 4 active units A[:k] and a diagonal Ψ, from the tabulated pair
-    P = {A₀, A₁} (its M_P⁻¹, c_P, const_P) bordered by Q = A[2:k] (block elimination, Schur complement):
-        M_A = [[M_P, G_PQ], [G_QP, M_Q]],   U = M_P⁻¹ G_PQ,   S = M_Q − G_QP U,   m_P⁰ = M_P⁻¹ r_P,
-        t = r_Q − G_QP m_P⁰,   m_Q = S⁻¹ t,   m_P = m_P⁰ − U m_Q,
-        rᵀ M_A⁻¹ r = r_Pᵀ m_P⁰ + tᵀ S⁻¹ t,   log det M_A = log det M_P + log det S,
-        const_A = const_P + Σ_{h∈Q} (log-odds_h − ½ log ψ_h − ½ μ_h²/ψ_h) − ½ log det S
-    (G_PQ etc. from G/σ², M_Q = diag(1/ψ_Q) + G_QQ/σ², r = c + b, b = Wᵀy/σ²); with k = 3 S is a number. m = (m_P, m_Q)
-    goes to moments[:k, row]. Returns NaN where the elimination would lose more than ~3 digits — a nearly
-    singular M_P (correlation of its two units above 0.9995) or S below 10⁻³ of the diagonal it comes from
-    (nearly parallel columns of W, e.g. a model of constant patches) — and ``_score`` then factorises M_A."""
-    p0, p1, q0 = A[0], A[1], A[2]
-    t = _pair_row(p0, p1, unit.shape[0])
+def _border(G_scaled, unit, pairs, t, A, k, U, S):
+    """Block elimination of M_A for a state with k ≥ 3 active units A[:k] and a diagonal Ψ, from its first two
+    units' pair P = {A₀, A₁} (M_P⁻¹ = C in row t of the k ≤ 2 table) bordered by Q = A[2:k] (q = k − 2 units):
+        M_A = [[M_P, G_PQ], [G_QP, M_Q]],   U = C G_PQ,   S = M_Q − G_QP U   (the Schur complement)
+    with G_PQ etc. from G/σ² and M_Q = diag(1/ψ_Q) + G_QQ/σ². U goes to U[:2, :q], G_PQ to U[2:4, :q], and S is
+    factorised in place, S = L D Lᵀ (``_ldl``) in S[:q, :q]. Returns log det S (log det M_A = log det M_P +
+    log det S), or NaN where the elimination would lose more than ~3 digits: a nearly singular M_P (correlation
+    of its two units above 0.9995), S_jj below 10⁻³ of the diagonal of M_A it comes from, or a pivot below 10⁻³
+    of its S_jj (nearly parallel columns of W, e.g. a model of constant patches) — callers then factorise M_A."""
+    p0, p1 = A[0], A[1]
     c00, c01, c11 = pairs[t, 0], pairs[t, 1], pairs[t, 2]
     if not c01 * c01 < 0.999 * (c00 * c11):
         return np.nan
-    m0, m1, value = _pair_form(pairs, t, b[p0], b[p1])
-    g00, g10 = G_scaled[p0, q0], G_scaled[p1, q0]
-    u00, u10 = c00 * g00 + c01 * g10, c01 * g00 + c11 * g10
-    d0 = unit[q0, 0] + G_scaled[q0, q0]
-    s00 = d0 - (g00 * u00 + g10 * u10)
-    if not s00 > WELL_CONDITIONED * d0:
+    for j in range(k - 2):
+        h = A[2 + j]
+        g0, g1 = G_scaled[p0, h], G_scaled[p1, h]
+        u0, u1 = c00 * g0 + c01 * g1, c01 * g0 + c11 * g1
+        U[0, j], U[1, j], U[2, j], U[3, j] = u0, u1, g0, g1
+        for i in range(j):
+            S[j, i] = G_scaled[A[2 + i], h] - (U[2, i] * u0 + U[3, i] * u1)
+        S[j, j] = unit[h, 4] - (g0 * u0 + g1 * u1)
+        if not S[j, j] > WELL_CONDITIONED * unit[h, 4]:
+            return np.nan
+    return _ldl(S, k - 2, WELL_CONDITIONED)
+
+
+@njit(**INLINE)
+def _bordered(G_scaled, unit, log_odds, pairs, b, A, k, U, S, moments, row, means):
+    """const_A + ½ rᵀm for one patch (b = Wᵀy/σ²) and a state with k ≥ 3 active units A[:k] and a diagonal Ψ,
+    from its pair's table row and ``_border`` (r = c + b, m⁰_P = M_P⁻¹ r_P from the row):
+        t = r_Q − G_QP m⁰_P,   m_Q = S⁻¹ t,   m_P = m⁰_P − U m_Q,   rᵀ M_A⁻¹ r = r_Pᵀ m⁰_P + tᵀ S⁻¹ t,
+        const_A = const_P + Σ_{h∈Q} (log-odds_h − ½ log ψ_h − ½ μ_h²/ψ_h) − ½ log det S.
+    With ``means`` m = (m_P, m_Q) goes to moments[:k, row] (else rows 2 … k−1 are scratch). NaN as ``_border``."""
+    t = _pair_row(A[0], A[1], unit.shape[0])
+    log_det = _border(G_scaled, unit, pairs, t, A, k, U, S)
+    if not np.isfinite(log_det):
         return np.nan
-    t0 = unit[q0, 1] + b[q0] - (g00 * m0 + g10 * m1)
-    value += log_odds[q0] - 0.5 * (unit[q0, 2] + unit[q0, 3])
-    if k == 3:
-        n0 = t0 / s00
-        moments[0, row], moments[1, row], moments[2, row] = m0 - u00 * n0, m1 - u10 * n0, n0
-        return value - 0.5 * np.log(s00) + 0.5 * t0 * n0
-    q1 = A[3]
-    g01, g11 = G_scaled[p0, q1], G_scaled[p1, q1]
-    u01, u11 = c00 * g01 + c01 * g11, c01 * g01 + c11 * g11
-    s01 = G_scaled[q0, q1] - (g00 * u01 + g10 * u11)
-    d1 = unit[q1, 0] + G_scaled[q1, q1]
-    s11 = d1 - (g01 * u01 + g11 * u11)
-    if not (s11 > WELL_CONDITIONED * d1) & (s01 * s01 < 0.999 * (s00 * s11)):
-        return np.nan
-    t1 = unit[q1, 1] + b[q1] - (g01 * m0 + g11 * m1)
-    det = s00 * s11 - s01 * s01
-    n0, n1 = (s11 * t0 - s01 * t1) / det, (s00 * t1 - s01 * t0) / det
-    moments[0, row], moments[1, row] = m0 - (u00 * n0 + u01 * n1), m1 - (u10 * n0 + u11 * n1)
-    moments[2, row], moments[3, row] = n0, n1
-    value += log_odds[q1] - 0.5 * (unit[q1, 2] + unit[q1, 3])
-    return value - 0.5 * np.log(det) + 0.5 * (t0 * n0 + t1 * n1)
+    m0, m1, value = _pair_form(pairs, t, b[A[0]], b[A[1]])
+    q = k - 2
+    for j in range(q):
+        h = A[2 + j]
+        moments[2 + j, row] = unit[h, 1] + b[h] - (U[2, j] * m0 + U[3, j] * m1)
+        value += unit[h, 5]
+    value += 0.5 * (_ldl_solve(S, q, moments, TWO, row, means) - log_det)
+    if means:
+        for j in range(q):
+            m0 -= U[0, j] * moments[2 + j, row]
+            m1 -= U[1, j] * moments[2 + j, row]
+        moments[0, row], moments[1, row] = m0, m1
+    return value
+
+
+@njit(**INLINE)
+def _bordered_covariance(pairs, t, k, U, S, cov):
+    """M_A⁻¹ into cov[:k, :k] from ``_border``'s U and S = L D Lᵀ (C = M_P⁻¹ from row t of the k ≤ 2 table):
+        S⁻¹ = L⁻ᵀ D⁻¹ L⁻¹,   V = U S⁻¹,   M_A⁻¹ = [[C + V Uᵀ, −V], [−Vᵀ, S⁻¹]]
+    (L is overwritten by L⁻¹)."""
+    q = k - 2
+    for j in range(q):                      # L⁻¹ (unit lower) in place, column by column
+        for i in range(j + 1, q):
+            s = -S[i, j]
+            for p in range(j + 1, i):
+                s -= S[i, p] * S[p, j]
+            S[i, j] = s
+    for i in range(q):
+        for j in range(i, q):
+            s = S[j, i] / S[j, j] if j > i else 1.0 / S[j, j]
+            for p in range(j + 1, q):
+                s += S[p, i] * S[p, j] / S[p, p]
+            cov[2 + i, 2 + j] = s
+            cov[2 + j, 2 + i] = s
+    v00 = v01 = v11 = 0.0
+    for j in range(q):
+        a0, a1 = 0.0, 0.0
+        for i in range(q):
+            a0 += U[0, i] * cov[2 + i, 2 + j]
+            a1 += U[1, i] * cov[2 + i, 2 + j]
+        cov[0, 2 + j], cov[2 + j, 0], cov[1, 2 + j], cov[2 + j, 1] = -a0, -a0, -a1, -a1
+        v00 += a0 * U[0, j]
+        v01 += a0 * U[1, j]
+        v11 += a1 * U[1, j]
+    cov[0, 0], cov[1, 1] = pairs[t, 0] + v00, pairs[t, 2] + v11
+    cov[0, 1] = cov[1, 0] = pairs[t, 1] + v01
 
 
 @njit(**INLINE)
@@ -325,6 +385,8 @@ def _tabulate(theta, unit, pairs, scratch):
         for h in range(H):
             unit[h, 0], unit[h, 1], unit[h, 2] = 1.0 / psi[0, h], mu[h] / psi[0, h], np.log(psi[0, h])
             unit[h, 3] = mu[h] * unit[h, 1]
+            unit[h, 4] = unit[h, 0] + theta[1][h, h]
+            unit[h, 5] = theta[3][h] - 0.5 * (unit[h, 2] + unit[h, 3])
     A, work, tmp, cov, c = scratch
     pairs[:] = 0.0
     pairs[H * (H + 1) // 2, 5] = theta[4][1]
@@ -348,13 +410,14 @@ def theta_terms(G, sigma2, psi, mu, log_odds, log_p0):
     theta = (np.ascontiguousarray(psi.reshape(1, H) if psi.ndim == 1 else psi, dtype=np.float64),
              np.ascontiguousarray(G / sigma2, dtype=np.float64), np.ascontiguousarray(mu, dtype=np.float64),
              np.ascontiguousarray(log_odds, dtype=np.float64), np.array([sigma2, log_p0], dtype=np.float64),
-             np.zeros((H, 4)), np.empty((H * (H + 1) // 2 + 1, 6)))
+             np.zeros((H, 6)), np.empty((H * (H + 1) // 2 + 1, 6)))
     _tabulate(theta, theta[5], theta[6], _scratch(2))
     return theta
 
 
 def _scratch(H):
-    """Scratch of the state terms (any k ≤ H): A, work, tmp, cov, c."""
+    """Scratch of the state terms (any k ≤ H): A, work, tmp, cov, c (tmp has ≥ 4 rows: ``_border``'s U, G_PQ)."""
+    H = max(H, 4)
     return np.empty(H, dtype=np.int64), np.empty((H, H)), np.empty((H, H)), np.empty((H, H)), np.empty(H)
 
 
@@ -372,16 +435,16 @@ def _score(theta, B, n, tail, cand, rows, count, lpj, units, ks, moments, scratc
     """For the candidates c = rows[:count] of patch n: lpj[c] = log p(y_n, cand[c]) = const_A + ½ rᵀm + tail
     with r = c_A + b_A, m = M_A⁻¹ r (b = B[n] = Wᵀy_n/σ²); also ks[c] = k, units[:k, c] = A (for k ≤ 2:
     units[:2, c] = (h, l) as in ``_first_two``) and, with ``means``, moments[:k, c] = m (k ≤ 2: moments[:2, c],
-    zeros for absent units). States with k ≤ 2 take one branch-free closed form on the ``pairs`` table, with
-    k = 3, 4 and a diagonal Ψ their pair's table row bordered by the others (``_bordered_pair``), others an
-    L D Lᵀ factorisation (``_solve_state``)."""
+    zeros for absent units). States with k ≤ 2 take one branch-free closed form on the ``pairs`` table (in a
+    first pass: a small loop for the commonest states), with k > 2 and a diagonal Ψ their pair's table row
+    bordered by the other units (``_bordered``), others an L D Lᵀ factorisation (``_solve_state``)."""
     psi, G_scaled, mu, log_odds, scalars, unit, pairs = theta
     A, work, tmp, _, cvec = scratch
     H = unit.shape[0]
     empty = H * (H + 1) // 2
     diagonal = psi.shape[0] == 1
     b = B[n]
-    for i in range(count):
+    for i in range(count):          # k ≤ 2 first: a small loop for the commonest states
         c = rows[i]
         k, h, l = _first_two(cand, c)
         ks[c] = k
@@ -389,20 +452,23 @@ def _score(theta, B, n, tail, cand, rows, count, lpj, units, ks, moments, scratc
             m0, m1, value = _pair_form(pairs, _pair_row(h, l, H) if k > 0 else empty, b[h], b[l])
             units[0, c], units[1, c] = h, l
             moments[0, c], moments[1, c] = m0, m1
-        else:
-            _active_units(cand, c, units)
-            for j in range(k):
-                A[j] = units[j, c]
-            value = np.nan
-            if diagonal & (k <= 4):     # most k > 2 states (k = 3: ~2/3, k = 4: ~1/3 of them)
-                value = _bordered_pair(G_scaled, unit, log_odds, pairs, b, A, k, moments, c)
-            if not np.isfinite(value):  # full Ψ, k > 4, or a Schur complement lost to cancellation (nearly
-                if k == 3:              # parallel columns of W): L D Lᵀ, unrolled for a constant k = 3
-                    value = _solve_state(psi, G_scaled, mu, unit, log_odds, scalars, b, A, 3, work, tmp, cvec,
-                                         moments, c, means)
-                else:
-                    value = _solve_state(psi, G_scaled, mu, unit, log_odds, scalars, b, A, k, work, tmp, cvec,
-                                         moments, c, means)
+            lpj[c] = value + tail
+    for i in range(count):
+        c = rows[i]
+        k = ks[c]
+        if k <= 2:
+            continue
+        _active_units(cand, c, units)
+        for j in range(k):
+            A[j] = units[j, c]
+        value = np.nan
+        if diagonal & (k == 3):         # the commonest k > 2 (a constant k lets the compiler unroll the form)
+            value = _bordered(G_scaled, unit, log_odds, pairs, b, A, 3, tmp, work, moments, c, means)
+        elif diagonal:
+            value = _bordered(G_scaled, unit, log_odds, pairs, b, A, k, tmp, work, moments, c, means)
+        if not np.isfinite(value):      # full Ψ, or the elimination lost to cancellation: L D Lᵀ of M_A
+            value = _solve_state(psi, G_scaled, mu, unit, log_odds, scalars, b, A, k, work, tmp, cvec, moments,
+                                 c, means)
         lpj[c] = value + tail
 
 
@@ -411,10 +477,13 @@ def _score(theta, B, n, tail, cand, rows, count, lpj, units, ks, moments, scratc
 def _accumulate(theta, n, q, S, units, ks, moments, scratch, part, mean_sz, sums, pair_sums):
     """Add the posterior moments of patch n's S states, weighted by q[s] = q_n(s), to ⟨s⊙z⟩_n (mean_sz[n])
     and, when ``sums`` has H columns, to the M-step sums of ``part``: S_s += q s, S_sz += q m,
-    S_szsz += q (M_A⁻¹ + m mᵀ), and for a full Ψ S_ss += q s sᵀ, T_hh' += q s_h m_h'. States with k ≤ 2 add
-    their (h, l) terms from the ``pairs`` row without a branch on k: the absent units' terms are exact zeros
-    (0·q), so the sums are bit for bit those of adding the present units only."""
-    pairs = theta[6]
+    S_szsz += q (M_A⁻¹ + m mᵀ), and for a full Ψ S_ss += q s sᵀ, T_hh' += q s_h m_h'. The symmetric S_szsz and
+    S_ss get their upper triangle only (h ≤ h'; ``posterior`` mirrors it). States with k ≤ 2 add their (h, l)
+    terms from the ``pairs`` row without a branch on k: the absent units' terms are exact zeros (0·q), so the sums
+    are bit for bit those of adding the present units only; k > 2 states take M_A⁻¹ from their pair's row
+    bordered by the other units (``_bordered_covariance``; a Cholesky factor and its inverse for a full Ψ or an
+    ill-conditioned state)."""
+    psi, pairs = theta[0], theta[6]
     A, work, tmp, cov, c = scratch
     H = theta[5].shape[0]
     empty = H * (H + 1) // 2
@@ -434,15 +503,12 @@ def _accumulate(theta, n, q, S, units, ks, moments, scratch, part, mean_sz, sums
                 first[0, l] += two
                 first[1, h] += qs * m0
                 first[1, l] += qs * m1
-                cross = qs * (pairs[t, 1] + m0 * m1)
                 second[0, h, h] += qs * (pairs[t, 0] + m0 * m0)
-                second[0, h, l] += cross
-                second[0, l, h] += cross
+                second[0, h, l] += qs * (pairs[t, 1] + m0 * m1)
                 second[0, l, l] += qs * (pairs[t, 2] + m1 * m1)
                 if full:
                     second[1, h, h] += one
                     second[1, h, l] += two
-                    second[1, l, h] += two
                     second[1, l, l] += two
                     second[2, h, h] += qs * m0
                     second[2, h, l] += qs * m1
@@ -455,15 +521,21 @@ def _accumulate(theta, n, q, S, units, ks, moments, scratch, part, mean_sz, sums
             continue
         for i in range(k):
             A[i] = units[i, s]
-        _state_terms(theta, A, k, work, tmp, cov, c)
+        t = _pair_row(A[0], A[1], H)
+        if (psi.shape[0] == 1) and np.isfinite(_border(theta[1], theta[5], pairs, t, A, k, tmp, work)):
+            _bordered_covariance(pairs, t, k, tmp, work, cov)
+        else:
+            _state_terms(theta, A, k, work, tmp, cov, c)
         for i in range(k):
             h = A[i]
             first[0, h] += qs
             first[1, h] += qs * moments[i, s]
-            for j in range(k):
+            for j in range(i, k):
                 second[0, h, A[j]] += qs * (cov[i, j] + moments[i, s] * moments[j, s])
-                if full:
+            if full:
+                for j in range(i, k):
                     second[1, h, A[j]] += qs
+                for j in range(k):
                     second[2, h, A[j]] += qs * moments[j, s]
 
 
@@ -895,7 +967,10 @@ def posterior(theta, B, tails, K, want: int):
         run_split(work, parts)
     else:   # no sums: any split of the patches gives the same numbers
         run_split(lambda first, last: work(0, 1, first, last), N)
-    return lpj, log_norm, mean_sz, sums.sum(axis=0), pair_sums.sum(axis=0)
+    pair_sums = pair_sums.sum(axis=0)
+    for symmetric in pair_sums[:2]:         # S_szsz (and S_ss): the kernels add the upper triangle only
+        symmetric += np.triu(symmetric, 1).T
+    return lpj, log_norm, mean_sz, sums.sum(axis=0), pair_sums
 
 
 def search(K, lpj, n_parents: int, n_children: int, generations: int, rule: int, mutation: int, crossover: bool,
