@@ -4,7 +4,9 @@ The reference setting (issue 2/11): N = 62,001 patches of 8×8 (a 256×256 crop 
 S = 60, 20 parents × 1 child, 1 generation, H = 64 and 256, one rank, one BLAS thread. An epoch = one E-step
 (posterior statistics of every K_n, free energy, evolutionary search) over all blocks plus the M-step; it
 evaluates N·(S + parents·children·generations) (patch, state) pairs. `--children 5 --generations 2` is the search of
-configs/quality.yaml (what a quality run spends most of its time on).
+configs/quality.yaml (what a quality run spends most of its time on); with `--H 128 --sigma pca --init pca
+--slice 15 --warmup 25` the whole quality model on a textured EM crop, whose truncated sets are dense (most
+kept states have 4–6 active units instead of ≤ 2).
 
     python benchmarks/bench_speed.py [--H 64 256] [--repeats 3] [--threads 1 2] [--compare] [--profile]
 
@@ -42,8 +44,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from reference_es3c import ReferenceSSSC  # noqa: E402
 
 
-def patches(block: int):
-    clean = tifffile.imread(ISBI, key=0)[128:384, 128:384].astype(np.float64)
+def patches(block: int, section: int = 0):
+    clean = tifffile.imread(ISBI, key=section)[128:384, 128:384].astype(np.float64)
     noisy = clean + np.random.default_rng(0).normal(0, 25, clean.shape)
     grid = PatchGrid(noisy.shape, (8, 8))
     ranges = block_ranges(grid.n_patches, block)
@@ -83,10 +85,12 @@ def flops_per_epoch(N, D, H, pairs) -> float:
 
 def run_h(args, H, blocks, ranges, rate):
     settings = EvolutionSettings(S=args.S, parents=args.parents, children=args.children, generations=args.generations)
-    model, reference = SSSC(H, settings), ReferenceSSSC(H, settings)
+    model = SSSC(H, settings, init=args.init, sigma=args.sigma)
+    reference = ReferenceSSSC(H, settings, init=args.init, sigma=args.sigma)
     Y_all = np.concatenate(blocks)
     N, D = Y_all.shape
-    params = model.init_params(PatchSummary.from_patches(Y_all), Y_all[:10], np.random.default_rng(0))
+    sample = Y_all[np.random.default_rng(0).choice(N, min(N, 2000), replace=False)] if args.init == "pca" else Y_all[:10]
+    params = model.init_params(PatchSummary.from_patches(Y_all), sample, np.random.default_rng(0))
     set_threads(1)
     states = [model.init_block_state(Y, params, PatchRandom(0, 0, 0, np.arange(*r))) for Y, r in zip(blocks, ranges)]
     for e in range(args.warmup):                     # realistic truncated sets and parameters
@@ -169,13 +173,16 @@ def main():
     ap.add_argument("--children", type=int, default=1)
     ap.add_argument("--generations", type=int, default=1)
     ap.add_argument("--block", type=int, default=1024)
+    ap.add_argument("--sigma", choices=("learned", "pca"), default="learned", help="model.sigma")
+    ap.add_argument("--init", choices=("random", "pca"), default="random", help="model.init")
+    ap.add_argument("--slice", type=int, default=0, help="ISBI slice of the 256² crop")
     ap.add_argument("--warmup", type=int, default=2, help="epochs before timing (realistic states)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--compare", action="store_true", help="also time the previous numpy E-step")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
-    blocks, ranges = patches(args.block)
+    blocks, ranges = patches(args.block, args.slice)
     with threadpool_limits(limits=1):
         rate = matmul_rate()
         for H in args.H:
