@@ -89,7 +89,9 @@ def run_h(args, H, blocks, ranges, rate):
     reference = ReferenceSSSC(H, settings, init=args.init, sigma=args.sigma)
     Y_all = np.concatenate(blocks)
     N, D = Y_all.shape
-    sample = Y_all[np.random.default_rng(0).choice(N, min(N, 2000), replace=False)] if args.init == "pca" else Y_all[:10]
+    sample = Y_all[:10]
+    if args.init == "pca":                           # as the pipeline: a sample of up to 2,000 patches
+        sample = Y_all[np.random.default_rng(0).choice(N, min(N, 2000), replace=False)]
     params = model.init_params(PatchSummary.from_patches(Y_all), sample, np.random.default_rng(0))
     set_threads(1)
     states = [model.init_block_state(Y, params, PatchRandom(0, 0, 0, np.arange(*r))) for Y, r in zip(blocks, ranges)]
