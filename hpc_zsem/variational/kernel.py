@@ -11,8 +11,8 @@ The state-only terms (M_A⁻¹, c_A, const_A) of every state with k ≤ 2 are ta
 one table, the single-unit and empty states as pairs with exact zeros, so that one branch-free closed form scores
 and accumulates every k ≤ 2 state (``_pair_form``; with σ learned ≈ 97 % of the truncated sets' states). With a
 diagonal Ψ, states with k > 2 are scored, and their M_A⁻¹ formed for the statistics, from their first two units'
-table row bordered by the other units (``_border``: a Schur complement, factorised L D Lᵀ; with σ estimated a
-textured EM image keeps mostly k = 3 … 6). A full Ψ, and states whose elimination would lose digits, take a
+table row bordered by the other units (``_border``: a Schur complement, factorised L D Lᵀ; k = 3, 4 in closed
+form by ``_bordered_pair``; with σ estimated a textured EM image keeps mostly k = 3 … 6). A full Ψ, and states whose elimination would lose digits, take a
 square-root-free Cholesky factorisation M_A = L D Lᵀ (``_solve_state``), and for the statistics a Cholesky factor
 and its inverse.
 
@@ -344,7 +344,7 @@ def _bordered_pair(G_scaled, unit, pairs, b, A, k, moments, row):
 
 
 @njit(**INLINE)
-def _bordered(G_scaled, unit, log_odds, pairs, b, A, k, U, S, moments, row, means):
+def _bordered(G_scaled, unit, pairs, b, A, k, U, S, moments, row, means):
     """const_A + ½ rᵀm for one patch (b = Wᵀy/σ²) and a state with k ≥ 3 active units A[:k] and a diagonal Ψ,
     from its pair's table row and ``_border`` (r = c + b, m⁰_P = M_P⁻¹ r_P from the row):
         t = r_Q − G_QP m⁰_P,   m_Q = S⁻¹ t,   m_P = m⁰_P − U m_Q,   rᵀ M_A⁻¹ r = r_Pᵀ m⁰_P + tᵀ S⁻¹ t,
@@ -502,7 +502,7 @@ def _score(theta, B, n, tail, cand, rows, count, lpj, units, ks, moments, scratc
         if diagonal & (k <= 4):
             value = _bordered_pair(G_scaled, unit, pairs, b, A, k, moments, c)
         elif diagonal:
-            value = _bordered(G_scaled, unit, log_odds, pairs, b, A, k, tmp, work, moments, c, means)
+            value = _bordered(G_scaled, unit, pairs, b, A, k, tmp, work, moments, c, means)
         if not np.isfinite(value):      # full Ψ, or the elimination lost to cancellation: L D Lᵀ of M_A
             value = _solve_state(psi, G_scaled, mu, unit, log_odds, scalars, b, A, k, work, tmp, cvec, moments,
                                  c, means)
