@@ -12,9 +12,9 @@ one table, the single-unit and empty states as pairs with exact zeros, so that o
 and accumulates every k ≤ 2 state (``_pair_form``; with σ learned ≈ 97 % of the truncated sets' states). With a
 diagonal Ψ, states with k > 2 are scored, and their M_A⁻¹ formed for the statistics, from their first two units'
 table row bordered by the other units (``_border``: a Schur complement, factorised L D Lᵀ; k = 3, 4 in closed
-form by ``_bordered_pair``; with σ estimated a textured EM image keeps mostly k = 3 … 6). A full Ψ, and states whose elimination would lose digits, take a
-square-root-free Cholesky factorisation M_A = L D Lᵀ (``_solve_state``), and for the statistics a Cholesky factor
-and its inverse.
+form by ``_bordered_pair``; with σ estimated a textured EM image keeps mostly k = 3 … 6). A full Ψ, and states
+whose elimination would lose digits, take a square-root-free Cholesky factorisation M_A = L D Lᵀ
+(``_solve_state``), and for the statistics a Cholesky factor and its inverse.
 
 The kernels release the GIL. A training epoch runs whole blocks concurrently on ``set_threads(n)`` Python
 threads (``map_in_order``: no hand-off between threads inside a block, the blocks' statistics added in block
