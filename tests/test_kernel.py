@@ -266,3 +266,31 @@ def test_keep_best_with_tied_log_joints_equals_the_numpy_order():
         np.testing.assert_array_equal(new_lpj[0], lpj[order[0]])
         assert accepted == expected_accepted
 
+
+
+@njit
+def _exps(x, out):
+    for i in range(x.shape[0]):
+        out[i] = kernel._exp(x[i])
+
+
+def test_vectorised_exp_is_within_one_ulp_of_numpy():
+    """The posterior weights' eˣ (kernel._exp, a polynomial the compiler vectorises) over the whole range the
+    weights take (x = log p(s, y) − max ≤ 0, down to total underflow) and beyond: within 1 ulp of numpy's exp
+    where that is normal, equal to the smallest subnormals within 1 of them, and exact at 0, ±∞, NaN and the
+    over/underflow limits."""
+    rng = np.random.default_rng(5)
+    x = np.concatenate([-rng.exponential(30.0, 200_000), rng.uniform(-760.0, 715.0, 100_000),
+                        -rng.uniform(0.0, 1e-3, 10_000), rng.uniform(-1e-12, 1e-12, 1_000)])
+    got = np.empty_like(x)
+    _exps(x, got)
+    with np.errstate(over="ignore"):
+        expected = np.exp(x)
+    normal = np.isfinite(expected) & (expected >= np.finfo(float).tiny)
+    assert np.all(np.abs(got[normal] - expected[normal]) <= np.spacing(expected[normal]))
+    assert np.all(np.abs(got[~normal & (x < 0)] - expected[~normal & (x < 0)]) <= 5e-324)
+    assert np.all(np.isinf(got[~normal & (x > 0)]))
+    specials = np.array([0.0, -0.0, -np.inf, np.inf, np.nan, -746.0, -1e300, 1e300])
+    got = np.empty_like(specials)
+    _exps(specials, got)
+    np.testing.assert_array_equal(got, [1.0, 1.0, 0.0, np.inf, np.nan, 0.0, 0.0, np.inf])

@@ -69,6 +69,14 @@ def _float_bits(typingctx, x):
 
 
 @intrinsic
+def _bits_float(typingctx, x):
+    """The float64 whose bits are the int64 x."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+    return types.float64(types.int64), codegen
+
+
+@intrinsic
 def _popcount(typingctx, x):
     """The number of set bits of the uint64 x (one instruction)."""
     def codegen(context, builder, signature, args):
@@ -509,6 +517,32 @@ def _score(theta, B, n, tail, cand, rows, count, lpj, units, ks, moments, scratc
         lpj[c] = value + tail
 
 
+# ----------------------------------------------------------------------------------------------- exp
+_LOG2E = 1.4426950408889634
+_LN2_HI, _LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10   # ln 2 = hi + lo, hi: 32 bits
+_ROUND = 6755399441055744.0             # 1.5·2⁵²: (x + _ROUND) − _ROUND rounds x to an integer
+LANES = 32                              # _exp loops run over a multiple of this many elements (no scalar tail)
+
+
+@njit(**INLINE)
+def _exp(x):
+    """eˣ within 1 ulp of the correctly rounded value (89 % exact; 0 for x ≤ −750, ∞ for x ≥ 710, NaN kept),
+    by plain arithmetic that the compiler vectorises (a loop of libm ``exp`` calls does not): with
+    n = round(x / ln 2) and r = x − n ln 2 (|r| ≤ ½ ln 2, n ln 2 in two parts so that r is exact),
+        eˣ = 2ⁿ eʳ,   eʳ = Σ_{i ≤ 13} rⁱ / i!   (Horner; the remainder is below 2⁻⁵⁶ eʳ),
+    and 2ⁿ = 2^⌊n/2⌋ · 2^(n − ⌊n/2⌋) from the exponent bits (both factors normal down to the subnormal range)."""
+    x = -750.0 if x < -750.0 else (710.0 if x > 710.0 else x)
+    n = (x * _LOG2E + _ROUND) - _ROUND
+    r = (x - n * _LN2_HI) - n * _LN2_LO
+    p = 1.0 / 6227020800.0
+    for factorial in (479001600.0, 39916800.0, 3628800.0, 362880.0, 40320.0, 5040.0, 720.0, 120.0, 24.0, 6.0, 2.0,
+                      1.0, 1.0):
+        p = p * r + 1.0 / factorial
+    k = np.int64(n)
+    half = k >> 1
+    return p * _bits_float((half + 1023) << 52) * _bits_float((k - half + 1023) << 52)
+
+
 # ----------------------------------------------------------------------------------------------- posterior
 @njit(**JIT)
 def _accumulate(theta, n, q, S, units, ks, moments, scratch, part, mean_sz, sums, pair_sums):
@@ -584,7 +618,7 @@ def posterior_parts(theta, B, tails, K, want, first, last, lpj, log_norm, mean_s
     ⟨s⊙z⟩_n = Σ_s q_n(s) scatter_A(m_{n,s}) into mean_sz (N, H); with want = 2 also the part's sums
     [S_s, S_sz] into sums (P, 2, H) and [S_szsz, (S_ss, T for a full Ψ)] into pair_sums (P, 1 or 3, H, H).
     The outputs need not be zeroed: each part's sums and each patch's ⟨s⊙z⟩_n start from 0 here (in the thread
-    that fills them)."""
+    that fills them). ``q`` is scratch for the S weights, S rounded up to a multiple of LANES (``_exp``)."""
     N, S, W = K.shape
     P = sums.shape[0]
     _, rows, values, units, ks, moments = buffers    # the states are read from K in place
@@ -597,9 +631,14 @@ def posterior_parts(theta, B, tails, K, want, first, last, lpj, log_norm, mean_s
             for s in range(S):
                 lpj[n, s] = values[s]
                 top = max(top, values[s])
+            for s in range(S):                  # q (padded with −∞ → 0 to whole vectors): p(s, y_n) / max
+                q[s] = values[s] - top
+            for s in range(S, q.shape[0]):
+                q[s] = -np.inf
+            for s in range(q.shape[0]):
+                q[s] = _exp(q[s])
             total = 0.0
             for s in range(S):
-                q[s] = np.exp(values[s] - top)
                 total += q[s]
             log_norm[n] = np.log(total) + top
             if want >= 1:
@@ -998,7 +1037,8 @@ def posterior(theta, B, tails, K, want: int):
                     mean_sz[a:b] if want else mean_sz)
         else:
             args = (B, tails, K, want, first, last, lpj, log_norm, mean_sz)
-        posterior_parts(theta, *args, sums, pair_sums, _scratch(H), _candidates(S, W, H), np.empty(S))
+        weights = np.empty(-(-S // LANES) * LANES)
+        posterior_parts(theta, *args, sums, pair_sums, _scratch(H), _candidates(S, W, H), weights)
 
     if want == 2:
         run_split(work, parts)
