@@ -294,3 +294,81 @@ def test_vectorised_exp_is_within_one_ulp_of_numpy():
     got = np.empty_like(specials)
     _exps(specials, got)
     np.testing.assert_array_equal(got, [1.0, 1.0, 0.0, np.inf, np.nan, 0.0, 0.0, np.inf])
+
+
+@pytest.mark.parametrize("H, pi", [(20, 0.3), (70, 0.1)])
+def test_dense_e_steps_with_extended_factors_equal_the_numpy_e_step(H, pi):
+    """Dense sets (data of a model with k ≈ 6 active units, π held: mean k > 3) with several children per parent
+    and two generations, where children are scored by extending their parent's factor (``_score_extended``,
+    inherited in the second generation): the same sets and statistics as the numpy E-step (a Cholesky factor per
+    state)."""
+    settings = EvolutionSettings(S=8, parents=4, children=3, generations=2)
+    rng = np.random.default_rng(11)
+    W = rng.normal(size=(24, H))
+    Y = ((rng.random((120, H)) < pi) * rng.normal(3.0, 1.0, (120, H))) @ W.T + rng.normal(0.0, 0.5, (120, 24))
+    new, old = SSSC(H, settings), ReferenceSSSC(H, settings)
+    params = dict(start(new, Y, pi=pi), W=W, sigma2=np.array(0.25), psi=np.ones(H), mu=np.full(H, 3.0))
+    ids = np.arange(Y.shape[0])
+    K_new = K_old = new.init_block_state(Y, params, PatchRandom(0, 0, 0, ids))
+    for epoch in range(3):
+        step_new = new.e_step(Y, params, K_new, PatchRandom(0, 1, epoch, ids))
+        step_old = old.e_step(Y, params, K_old, PatchRandom(0, 1, epoch, ids))
+        assert_same_e_step(step_new, step_old)
+        (K_new, _), (K_old, stats) = step_new, step_old
+        params = dict(old.m_step(params, stats), pi=params["pi"])
+    k = np.unpackbits(K_new.view(np.uint8), axis=-1).sum(-1)
+    assert k.mean() > 3, k.mean()
+
+
+def test_extended_factors_score_children_as_the_direct_forms():
+    """Children that add one unit to a parent with a factor get the log-joint of the direct forms (to 1e-12),
+    also when the parent's factor was itself inherited (second generation); children that remove a unit, and
+    parents outside EXTEND_MIN … EXTEND_MAX − 1 units, are left to ``_score``."""
+    H, rng = 24, np.random.default_rng(4)
+    W = rng.normal(size=(30, H))
+    theta = kernel.theta_terms(W.T @ W, 2.0, rng.uniform(0.5, 2.0, H), rng.normal(size=H), rng.normal(size=H), -3.0)
+    B, tails = rng.normal(size=(1, H)) * 5, np.array([-40.0])
+
+    def words(units):
+        return np.array([np.uint64(sum(1 << int(h) for h in units))], dtype=np.uint64)
+
+    def direct(states):
+        return kernel.posterior(theta, B, tails, np.ascontiguousarray(states[None]), 0)[0][0]
+
+    parent_units = [rng.choice(H, k, replace=False) for k in (3, 5, 9, kernel.EXTEND_MAX, 2)]
+    P, children = len(parent_units), 2
+    cand = np.zeros((P + 2 * P * children, 1), dtype=np.uint64)
+    flip_bit = np.zeros((2, 1, P * children), dtype=np.int64)
+    for i, units in enumerate(parent_units):
+        cand[i] = words(units)
+        flip_bit[0, 0, 2 * i] = rng.choice(np.setdiff1d(np.arange(H), units))      # adds a unit
+        flip_bit[0, 0, 2 * i + 1] = units[0]                                      # removes one
+        for j in range(children):
+            cand[P + 2 * i + j] = cand[i] ^ np.uint64(1 << int(flip_bit[0, 0, 2 * i + j]))
+    lpj = np.full(len(cand), np.nan)
+    lpj[:P] = direct(cand[:P])
+    chosen, rep = np.arange(P), np.arange(len(cand))
+    factors = kernel._factors(P, len(cand))
+    assert kernel._factor_parents(0, cand, 0, chosen, P, children, rep, False, theta[1], theta[5], B[0], factors) == 3
+    todo = np.arange(P, P + P * children)
+    rest = kernel._score_extended(0, cand, P, P + P * children, 0, chosen, children, flip_bit, 0, todo, len(todo),
+                                  lpj, theta[1], theta[5], B[0], factors)
+    extended = [P + 2 * i for i in range(3)]                    # the unit-adding children of k = 3, 5, 9
+    assert sorted(todo[:rest]) == sorted(set(range(P, P + P * children)) - set(extended))
+    np.testing.assert_allclose(lpj[extended], direct(cand[extended]), rtol=1e-12)
+    # second generation: the extended children as parents, each adding one more unit to its inherited factor
+    start = P + P * children
+    chosen2 = np.array([e - P for e in extended])
+    assert kernel._factor_parents(1, cand, P, chosen2, 3, children, rep, True, theta[1], theta[5], B[0], factors) == 3
+    for i, e in enumerate(extended):
+        units = np.flatnonzero(np.unpackbits(cand[e].view(np.uint8), bitorder="little"))
+        flip_bit[1, 0, children * i] = rng.choice(np.setdiff1d(np.arange(H), units))
+        flip_bit[1, 0, children * i + 1] = units[-1]
+        for j in range(children):
+            cand[start + children * i + j] = cand[e] ^ np.uint64(1 << int(flip_bit[1, 0, children * i + j]))
+    todo = np.arange(start, start + 3 * children)
+    rest = kernel._score_extended(1, cand, start, start + 3 * children, P, chosen2, children, flip_bit, 0, todo,
+                                  len(todo), lpj, theta[1], theta[5], B[0], factors)
+    assert rest == 3
+    second = [start + children * i for i in range(3)]
+    np.testing.assert_allclose(lpj[second], direct(cand[second]), rtol=1e-12)

@@ -881,10 +881,139 @@ def _keep_best(cand, lpj, rep, count, C0, n, codes, members, slots, new_K, new_l
     return accepted
 
 
+# ----------------------------------------------------------------------------------------------- extension
+EXTEND_MAX = 16     # parents with k < EXTEND_MAX active units pass their factor on to their children, from k = 3
+EXTEND_MIN = 3      # (k = 4 with one child per parent: a 3-unit factor then costs more than its child's closed form)
+
+
+def _factors(P, C):
+    """Buffers of the factor extension: per parent slot, in two banks (this generation's parents, the previous
+    one's), L (P, m, m) (1/D_jj on its diagonal), z (P, m), the units in factor order (P, m) and k (P,) (0: no
+    factor), m = EXTEND_MAX; per candidate the row its extension appended (C, m) (l, then 1/d), z_h (C,), the
+    added unit h (C,) and its parent's slot (C,) (−1: none)."""
+    m = EXTEND_MAX
+    return (np.empty((2, P, m, m)), np.empty((2, P, m)), np.empty((2, P, m), dtype=np.int64),
+            np.zeros((2, P), dtype=np.int64), np.empty((C, m)), np.empty(C), np.empty(C, dtype=np.int64),
+            np.full(C, -1, dtype=np.int64))
+
+
+@njit(**INLINE)
+def _root_factor(G_scaled, unit, b, words, row, smallest, L, z, A):
+    """For the state words[row] with smallest ≤ k < EXTEND_MAX active units (A, increasing) and a diagonal Ψ:
+    M_A = L D Lᵀ (``_ldl``, pivots checked as in ``_border``) into L with 1/D_jj on its diagonal, and z = L⁻¹ r
+    (r = c_A + b_A), so that log p(y, s) = const − ½ Σ_j log D_jj + ½ Σ_j z_j²/D_jj. Returns k, or 0 (no factor:
+    k out of range, or a pivot failed)."""
+    k = 0
+    for w in range(words.shape[1]):
+        k += _popcount(words[row, w])
+    if (k < smallest) or (k >= EXTEND_MAX):
+        return 0
+    i = 0
+    for w in range(words.shape[1]):
+        x = words[row, w]
+        while x != 0:
+            A[i] = 64 * w + np.int64(trailing_zeros(x))
+            i += 1
+            x &= x - _ONE
+    for i in range(k):
+        h = A[i]
+        L[i, i] = unit[h, 4]
+        for j in range(i):
+            L[i, j] = G_scaled[h, A[j]]
+        z[i] = unit[h, 1] + b[h]
+    if not np.isfinite(_ldl(L, k, WELL_CONDITIONED)):
+        return 0
+    for i in range(k):
+        s = z[i]
+        for j in range(i):
+            s -= L[i, j] * z[j]
+        z[i] = s
+        L[i, i] = 1.0 / L[i, i]
+    return k
+
+
+@njit(**INLINE)
+def _factor_parents(g, cand, start, chosen, P, n_children, rep, inherited, G_scaled, unit, b, factors):
+    """The factors of generation g's parents cand[start + chosen[:P]] (their first occurrences) into bank g mod 2:
+    a parent that a row extended from a parent of the previous generation (``inherited``: that generation's rows
+    are valid) copies that parent's factor and appends the row, others with k ≥ EXTEND_MIN (one child per parent:
+    k > EXTEND_MIN) are factorised (``_root_factor``). Returns the number of parents with a factor."""
+    slot_L, slot_z, slot_A, slot_k, row_L, row_z, row_h, row_slot = factors
+    bank, previous = g % 2, (g + 1) % 2
+    smallest = EXTEND_MIN if n_children > 1 else EXTEND_MIN + 1
+    factored = 0
+    for i in range(P):
+        c = rep[start + chosen[i]]
+        s = row_slot[c] if inherited and c >= start else -1
+        if s >= 0:
+            k = slot_k[previous, s]
+            for a in range(k):
+                for j in range(a + 1):
+                    slot_L[bank, i, a, j] = slot_L[previous, s, a, j]
+                slot_z[bank, i, a] = slot_z[previous, s, a]
+                slot_A[bank, i, a] = slot_A[previous, s, a]
+            for j in range(k + 1):
+                slot_L[bank, i, k, j] = row_L[c, j]
+            slot_z[bank, i, k], slot_A[bank, i, k] = row_z[c], row_h[c]
+            slot_k[bank, i] = k + 1
+        else:
+            slot_k[bank, i] = _root_factor(G_scaled, unit, b, cand, c, smallest, slot_L[bank, i], slot_z[bank, i],
+                                           slot_A[bank, i])
+        factored += slot_k[bank, i] > 0
+    return factored
+
+
+@njit(**INLINE)
+def _score_extended(g, cand, start, end, parents_start, chosen, n_children, flip_bit, n, todo, count, lpj, G_scaled,
+                    unit, b, factors):
+    """Log-joints of generation g's new children cand[todo[:count]] that add one unit h to a parent with a factor
+    (``random`` mutation, no crossover: child j is parent j // n_children with bit flip_bit[g, n, j] flipped),
+    by appending a row to the parent's factor (``_root_factor``), O(k²) per child instead of O(k³):
+        w = L⁻¹ g (g_j = (G/σ²)_{A_j h}),   l = D⁻¹ w,   d = (M)_hh − wᵀ l,   z_h = r_h − lᵀ z,
+        log p(y, s ∪ {h}) = log p(y, s) + (log-odds_h − ½ log ψ_h − ½ μ_h²/ψ_h) − ½ log d + ½ z_h²/d.
+    The row (l, 1/d), z_h, h and the parent's slot are kept for the next generation. The other children (a unit
+    removed, a parent without a factor, or d not above WELL_CONDITIONED × (M)_hh) stay in todo, moved to its
+    front, for ``_score``; returns their number."""
+    slot_L, slot_z, slot_A, slot_k, row_L, row_z, row_h, row_slot = factors
+    bank = g % 2
+    for c in range(start, end):
+        row_slot[c] = -1
+    rest = 0
+    for t in range(count):
+        c = todo[t]
+        j = c - start
+        i = j // n_children
+        k = slot_k[bank, i]
+        h = flip_bit[g, n, j]
+        if (k == 0) or (k + 1 >= EXTEND_MAX) or (_bit(cand, c, h) == 0):
+            todo[rest] = c
+            rest += 1
+            continue
+        L, z, A, row = slot_L[bank, i], slot_z[bank, i], slot_A[bank, i], row_L[c]
+        for a in range(k):
+            s = G_scaled[h, A[a]]
+            for p in range(a):
+                s -= L[a, p] * row[p]
+            row[a] = s
+        d, z_h = unit[h, 4], unit[h, 1] + b[h]
+        for a in range(k):
+            l = row[a] * L[a, a]
+            d -= row[a] * l
+            z_h -= l * z[a]
+            row[a] = l
+        if not d > WELL_CONDITIONED * unit[h, 4]:
+            todo[rest] = c
+            rest += 1
+            continue
+        row[k], row_z[c], row_h[c], row_slot[c] = 1.0 / d, z_h, h, i
+        lpj[c] = lpj[parents_start + chosen[i]] + unit[h, 5] + 0.5 * (z_h * (z_h / d) - np.log(d))
+    return rest
+
+
 @njit(**JIT)
 def evolve_range(first, last, K, lpj_K, known, n_parents, n_children, generations, rule, mutation, crossover,
                  rho, H, sel_u, cross_step, cross_u, flip_bit, flip_u, theta, B, tails, new_K, new_lpj, accepted,
-                 scratch, buffers, search):
+                 scratch, buffers, search, factors):
     """One evolutionary E-step for the patches first … last−1 of a block (DESIGN.md §1.1): starting from the
     candidates K (N, C₀, W) with log-joints lpj_K (scored here when not ``known``; duplicates share the first
     one's), ``generations`` times select parents from the population (the previous generation's children, K at
@@ -895,6 +1024,7 @@ def evolve_range(first, last, K, lpj_K, known, n_parents, n_children, generation
     C0, W = K.shape[1], K.shape[2]
     cand, _, lpj, units, ks, moments = buffers
     rep, todo, prints, chosen, codes, slots, parents, crossed, table = search
+    extend = (theta[0].shape[0] == 1) and (mutation == 0) and not (crossover and n_parents >= 2)
     for n in range(first, last):
         for i in range(C0):
             for w in range(W):
@@ -906,6 +1036,7 @@ def evolve_range(first, last, K, lpj_K, known, n_parents, n_children, generation
         else:
             _score(theta, B, n, tails[n], cand, todo, count, lpj, units, ks, moments, scratch, NO)
         start, end = ZERO, C0
+        factored = False
         for g in range(generations + 1):
             for c in range(start, end):
                 if rep[c] != c:
@@ -915,8 +1046,13 @@ def evolve_range(first, last, K, lpj_K, known, n_parents, n_children, generation
             P = _select(lpj, start, end - start, n_parents, rule, sel_u, g, n, codes, chosen)
             _make_children(cand, start, chosen, P, n_children, end, H, crossover, mutation, rho, g, n, cross_step,
                            cross_u, flip_bit, flip_u, parents, crossed)
-            start, end = end, end + P * n_children
+            factored = extend and _factor_parents(g, cand, start, chosen, P, n_children, rep, factored, theta[1],
+                                                  theta[5], B[n], factors) > 0
+            parents_start, start, end = start, end, end + P * n_children
             count = _deduplicate(cand, start, end, prints, rep, todo, table)
+            if factored:
+                count = _score_extended(g, cand, start, end, parents_start, chosen, n_children, flip_bit, n, todo,
+                                        count, lpj, theta[1], theta[5], B[n], factors)
             _score(theta, B, n, tails[n], cand, todo, count, lpj, units, ks, moments, scratch, NO)
         accepted[n] = _keep_best(cand, lpj, rep, end, C0, n, codes, chosen, slots, new_K, new_lpj)
 
@@ -1080,7 +1216,8 @@ def search(K, lpj, n_parents: int, n_children: int, generations: int, rule: int,
                    np.empty((P, W), dtype=np.uint64), np.empty((P, W), dtype=np.uint64),
                    np.empty(1 << max(6, (2 * C - 1).bit_length()), dtype=np.int64))    # _deduplicate's table
         evolve_range(first, last, K, lpj, known, n_parents, n_children, generations, rule, mutation, crossover, rho,
-                     H, *draws, theta, B, tails, new_K, new_lpj, accepted, _scratch(H), _candidates(C, W, H), buffers)
+                     H, *draws, theta, B, tails, new_K, new_lpj, accepted, _scratch(H), _candidates(C, W, H), buffers,
+                     _factors(P, C))
 
     run_split(work, N)
     return new_K, new_lpj, accepted
