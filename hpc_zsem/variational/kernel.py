@@ -315,10 +315,11 @@ def _border(G_scaled, unit, pairs, t, A, k, U, S):
 
 
 @njit(**INLINE)
-def _bordered_pair(G_scaled, unit, pairs, b, A, k, moments, row):
+def _bordered_pair(G_scaled, unit, pairs, b, A, k, moments, row, U, S, keep):
     """``_bordered`` for k = 3 or 4 (with a diagonal Ψ the commonest k > 2 states) in closed form: S = M_Q −
     G_QP U is a number (k = 3) or 2×2 (k = 4), so log det S, S⁻¹ t and the conditioning checks of ``_border`` are
-    written out (straight-line code: the loops of the general form cost 10–20 % more on such states)."""
+    written out (straight-line code: the loops of the general form cost 10–20 % more on such states). With
+    ``keep`` also U and S = L D Lᵀ as ``_border`` leaves them (bit for bit)."""
     p0, p1, q0 = A[0], A[1], A[2]
     t = _pair_row(p0, p1, unit.shape[0])
     c00, c01, c11 = pairs[t, 0], pairs[t, 1], pairs[t, 2]
@@ -332,6 +333,8 @@ def _bordered_pair(G_scaled, unit, pairs, b, A, k, moments, row):
     m0, m1, value = _pair_form(pairs, t, b[p0], b[p1])
     t0 = unit[q0, 1] + b[q0] - (g00 * m0 + g10 * m1)
     value += unit[q0, 5]
+    if keep:
+        U[0, 0], U[1, 0], U[2, 0], U[3, 0], S[0, 0] = u00, u10, g00, g10, s00
     if k == 3:
         n0 = t0 / s00
         moments[0, row], moments[1, row], moments[2, row] = m0 - u00 * n0, m1 - u10 * n0, n0
@@ -344,6 +347,10 @@ def _bordered_pair(G_scaled, unit, pairs, b, A, k, moments, row):
     if not (s11 > WELL_CONDITIONED * unit[q1, 4]) & (s01 * s01 < 0.999 * (s00 * s11)):
         return np.nan
     t1 = unit[q1, 1] + b[q1] - (g01 * m0 + g11 * m1)
+    if keep:
+        U[0, 1], U[1, 1], U[2, 1], U[3, 1] = u01, u11, g01, g11
+        S[1, 0] = s01 * (1.0 / s00)
+        S[1, 1] = s11 - S[1, 0] * S[1, 0] * s00
     det = s00 * s11 - s01 * s01
     n0, n1 = (s11 * t0 - s01 * t1) / det, (s00 * t1 - s01 * t0) / det
     moments[0, row], moments[1, row] = m0 - (u00 * n0 + u01 * n1), m1 - (u10 * n0 + u11 * n1)
@@ -381,9 +388,10 @@ def _bordered(G_scaled, unit, pairs, b, A, k, U, S, moments, row, means):
 def _bordered_covariance(pairs, t, k, U, S, cov):
     """M_A⁻¹ into cov[:k, :k] from ``_border``'s U and S = L D Lᵀ (C = M_P⁻¹ from row t of the k ≤ 2 table):
         S⁻¹ = L⁻ᵀ D⁻¹ L⁻¹,   V = U S⁻¹,   M_A⁻¹ = [[C + V Uᵀ, −V], [−Vᵀ, S⁻¹]]
-    (L is overwritten by L⁻¹)."""
+    (L is overwritten by L⁻¹, D by D⁻¹)."""
     q = k - 2
-    for j in range(q):                      # L⁻¹ (unit lower) in place, column by column
+    for j in range(q):                      # L⁻¹ (unit lower) in place, column by column; D⁻¹ on the diagonal
+        S[j, j] = 1.0 / S[j, j]
         for i in range(j + 1, q):
             s = -S[i, j]
             for p in range(j + 1, i):
@@ -391,9 +399,9 @@ def _bordered_covariance(pairs, t, k, U, S, cov):
             S[i, j] = s
     for i in range(q):
         for j in range(i, q):
-            s = S[j, i] / S[j, j] if j > i else 1.0 / S[j, j]
+            s = S[j, i] * S[j, j] if j > i else S[j, j]
             for p in range(j + 1, q):
-                s += S[p, i] * S[p, j] / S[p, p]
+                s += S[p, i] * S[p, j] * S[p, p]
             cov[2 + i, 2 + j] = s
             cov[2 + j, 2 + i] = s
     v00 = v01 = v11 = 0.0
@@ -475,16 +483,29 @@ def _candidates(C, W, H):
             np.empty(C, dtype=np.int64), np.empty((H, C)))
 
 
+KEPT_MAX = 8        # the posterior keeps the eliminations of states with k − 2 ≤ KEPT_MAX bordering units
+
+
+def _eliminations(C):
+    """Buffers in which ``_score`` keeps, for the statistics, each of C states' block elimination (``_border``'s
+    U (4, KEPT_MAX) and factorised S (KEPT_MAX, KEPT_MAX)) and whether it did (C,); C = 0: none kept."""
+    return np.empty((C, 4, KEPT_MAX)), np.empty((C, KEPT_MAX, KEPT_MAX)), np.zeros(C, dtype=np.bool_)
+
+
 @njit(**JIT)
-def _score(theta, B, n, tail, cand, rows, count, lpj, units, ks, moments, scratch, means):
+def _score(theta, B, n, tail, cand, rows, count, lpj, units, ks, moments, scratch, means, kept):
     """For the candidates c = rows[:count] of patch n: lpj[c] = log p(y_n, cand[c]) = const_A + ½ rᵀm + tail
     with r = c_A + b_A, m = M_A⁻¹ r (b = B[n] = Wᵀy_n/σ²); also ks[c] = k, units[:k, c] = A (for k ≤ 2:
     units[:2, c] = (h, l) as in ``_first_two``) and, with ``means``, moments[:k, c] = m (k ≤ 2: moments[:2, c],
     zeros for absent units). States with k ≤ 2 take one branch-free closed form on the ``pairs`` table, with
     k > 2 and a diagonal Ψ their pair's table row bordered by the other units (``_bordered_pair`` for k = 3, 4,
-    else ``_bordered``), others an L D Lᵀ factorisation (``_solve_state``)."""
+    else ``_bordered``), others an L D Lᵀ factorisation (``_solve_state``). Where ``kept`` has room, the
+    bordered forms' elimination of state c (U, S = L D Lᵀ) is kept in kept[0][c], kept[1][c] for
+    ``_accumulate``, and kept[2][c] says whether it was."""
     psi, G_scaled, mu, log_odds, scalars, unit, pairs = theta
     A, work, tmp, _, cvec = scratch
+    U_kept, S_kept, is_kept = kept
+    keep = is_kept.shape[0] > 0
     H = unit.shape[0]
     empty = H * (H + 1) // 2
     diagonal = psi.shape[0] == 1
@@ -507,10 +528,20 @@ def _score(theta, B, n, tail, cand, rows, count, lpj, units, ks, moments, scratc
         for j in range(k):
             A[j] = units[j, c]
         value = np.nan
+        q = k - 2
+        here = keep and q <= KEPT_MAX
         if diagonal & (k <= 4):
-            value = _bordered_pair(G_scaled, unit, pairs, b, A, k, moments, c)
+            value = _bordered_pair(G_scaled, unit, pairs, b, A, k, moments, c, tmp, work, here)
         elif diagonal:
             value = _bordered(G_scaled, unit, pairs, b, A, k, tmp, work, moments, c, means)
+        if keep:
+            is_kept[c] = here and np.isfinite(value)
+            if is_kept[c]:              # a copy (choosing the buffers here instead costs 2 s of compile time)
+                for j in range(q):
+                    for i in range(4):
+                        U_kept[c, i, j] = tmp[i, j]
+                    for i in range(j, q):
+                        S_kept[c, i, j] = work[i, j]
         if not np.isfinite(value):      # full Ψ, or the elimination lost to cancellation: L D Lᵀ of M_A
             value = _solve_state(psi, G_scaled, mu, unit, log_odds, scalars, b, A, k, work, tmp, cvec, moments,
                                  c, means)
@@ -544,57 +575,64 @@ def _exp(x):
 
 
 # ----------------------------------------------------------------------------------------------- posterior
-@njit(**JIT)
-def _accumulate(theta, n, q, S, units, ks, moments, scratch, part, mean_sz, sums, pair_sums):
-    """Add the posterior moments of patch n's S states, weighted by q[s] = q_n(s), to ⟨s⊙z⟩_n (mean_sz[n])
-    and, when ``sums`` has H columns, to the M-step sums of ``part``: S_s += q s, S_sz += q m,
-    S_szsz += q (M_A⁻¹ + m mᵀ), and for a full Ψ S_ss += q s sᵀ, T_hh' += q s_h m_h'. The symmetric S_szsz and
-    S_ss get their upper triangle only (h ≤ h'; ``posterior`` mirrors it). States with k ≤ 2 add their (h, l)
-    terms from the ``pairs`` row without a branch on k: the absent units' terms are exact zeros (0·q), so the sums
-    are bit for bit those of adding the present units only; k > 2 states take M_A⁻¹ from their pair's row
-    bordered by the other units (``_bordered_covariance``; a Cholesky factor and its inverse for a full Ψ or an
-    ill-conditioned state)."""
-    psi, pairs = theta[0], theta[6]
+@njit(**INLINE)
+def _add_means(q, S, units, ks, moments, mean):
+    """⟨s⊙z⟩_n += Σ_s q[s] scatter_A(m_s) for patch n's S states (``_score``'s units and moments; a state with
+    k ≤ 2 adds both of its (h, l), an absent unit's m being exactly 0)."""
+    for s in range(S):
+        k, qs = ks[s], q[s]
+        if k <= 2:
+            mean[units[0, s]] += qs * moments[0, s]
+            mean[units[1, s]] += qs * moments[1, s]
+        else:
+            for i in range(k):
+                mean[units[i, s]] += qs * moments[i, s]
+
+
+@njit(**INLINE)
+def _accumulate(theta, q, S, units, ks, moments, scratch, kept, mean, first, second):
+    """Add the posterior moments of a patch's S states, weighted by q[s] = q_n(s), to its ⟨s⊙z⟩_n (mean, in
+    the same pass: as ``_add_means``) and to the M-step sums of a part: first = [S_s, S_sz] += [q s, q m],
+    second = [S_szsz, (S_ss, T)] += [q (M_A⁻¹ + m mᵀ), (q s sᵀ, q s_h m_h' for a full Ψ)]. The symmetric S_szsz
+    and S_ss get their upper triangle only (h ≤ h'; ``posterior`` mirrors it). States with k ≤ 2 add their
+    (h, l) terms from the ``pairs`` row without a branch on k: the absent units' terms are exact zeros (0·q), so
+    the sums are bit for bit those of adding the present units only; k > 2 states take M_A⁻¹ from their pair's
+    row bordered by the other units (``_bordered_covariance``) where ``_score`` kept the elimination, else
+    (k > KEPT_MAX + 2, a full Ψ, an ill-conditioned state) from a Cholesky factor and its inverse."""
+    pairs = theta[6]
     A, work, tmp, cov, c = scratch
     H = theta[5].shape[0]
     empty = H * (H + 1) // 2
-    stats = sums.shape[2] > 0
-    full = pair_sums.shape[1] == 3
-    mean, first, second = mean_sz[n], sums[part], pair_sums[part]
+    full = second.shape[0] == 3
     for s in range(S):
         k, qs = ks[s], q[s]
         if k <= 2:
             h, l, m0, m1 = units[0, s], units[1, s], moments[0, s], moments[1, s]
             mean[h] += qs * m0
             mean[l] += qs * m1
-            if stats:
-                t = _pair_row(h, l, H) if k > 0 else empty
-                one, two = qs * (k >= 1), qs * (k >= 2)         # q for a present unit (h, resp. l), else 0
-                first[0, h] += one
-                first[0, l] += two
-                first[1, h] += qs * m0
-                first[1, l] += qs * m1
-                second[0, h, h] += qs * (pairs[t, 0] + m0 * m0)
-                second[0, h, l] += qs * (pairs[t, 1] + m0 * m1)
-                second[0, l, l] += qs * (pairs[t, 2] + m1 * m1)
-                if full:
-                    second[1, h, h] += one
-                    second[1, h, l] += two
-                    second[1, l, l] += two
-                    second[2, h, h] += qs * m0
-                    second[2, h, l] += qs * m1
-                    second[2, l, h] += two * m0
-                    second[2, l, l] += qs * m1
-            continue
-        for i in range(k):
-            mean[units[i, s]] += qs * moments[i, s]
-        if not stats:
+            t = _pair_row(h, l, H) if k > 0 else empty
+            one, two = qs * (k >= 1), qs * (k >= 2)         # q for a present unit (h, resp. l), else 0
+            first[0, h] += one
+            first[0, l] += two
+            first[1, h] += qs * m0
+            first[1, l] += qs * m1
+            second[0, h, h] += qs * (pairs[t, 0] + m0 * m0)
+            second[0, h, l] += qs * (pairs[t, 1] + m0 * m1)
+            second[0, l, l] += qs * (pairs[t, 2] + m1 * m1)
+            if full:
+                second[1, h, h] += one
+                second[1, h, l] += two
+                second[1, l, l] += two
+                second[2, h, h] += qs * m0
+                second[2, h, l] += qs * m1
+                second[2, l, h] += two * m0
+                second[2, l, l] += qs * m1
             continue
         for i in range(k):
             A[i] = units[i, s]
-        t = _pair_row(A[0], A[1], H)
-        if (psi.shape[0] == 1) and np.isfinite(_border(theta[1], theta[5], pairs, t, A, k, tmp, work)):
-            _bordered_covariance(pairs, t, k, tmp, work, cov)
+            mean[A[i]] += qs * moments[i, s]
+        if kept[2][s]:
+            _bordered_covariance(pairs, _pair_row(A[0], A[1], H), k, kept[0][s], kept[1][s], cov)
         else:
             _state_terms(theta, A, k, work, tmp, cov, c)
         for i in range(k):
@@ -612,7 +650,7 @@ def _accumulate(theta, n, q, S, units, ks, moments, scratch, part, mean_sz, sums
 
 @njit(**JIT)
 def posterior_parts(theta, B, tails, K, want, first, last, lpj, log_norm, mean_sz, sums, pair_sums, scratch, buffers,
-                    q):
+                    kept, q):
     """For the parts first … last−1 of a block (part p: patches [p·N/P, (p+1)·N/P) of N, P = len(sums)):
     log-joints lpj (N, S) of the truncated sets K (N, S, W) and log Σ_s p(s, y_n) (N,); with want ≥ 1
     ⟨s⊙z⟩_n = Σ_s q_n(s) scatter_A(m_{n,s}) into mean_sz (N, H); with want = 2 also the part's sums
@@ -626,7 +664,7 @@ def posterior_parts(theta, B, tails, K, want, first, last, lpj, log_norm, mean_s
         sums[part] = 0.0
         pair_sums[part] = 0.0
         for n in range(part * N // P, (part + 1) * N // P):
-            _score(theta, B, n, tails[n], K[n], rows, S, values, units, ks, moments, scratch, want >= 1)
+            _score(theta, B, n, tails[n], K[n], rows, S, values, units, ks, moments, scratch, want >= 1, kept)
             top = -np.inf
             for s in range(S):
                 lpj[n, s] = values[s]
@@ -645,7 +683,11 @@ def posterior_parts(theta, B, tails, K, want, first, last, lpj, log_norm, mean_s
                 mean_sz[n] = 0.0
                 for s in range(S):
                     q[s] /= total               # q_n(s) = p(s, y_n) / Σ_s' p(s', y_n)
-                _accumulate(theta, n, q, S, units, ks, moments, scratch, part, mean_sz, sums, pair_sums)
+                if want == 1:
+                    _add_means(q, S, units, ks, moments, mean_sz[n])
+                else:
+                    _accumulate(theta, q, S, units, ks, moments, scratch, kept, mean_sz[n], sums[part],
+                                pair_sums[part])
 
 
 # ----------------------------------------------------------------------------------------------- evolution
@@ -898,11 +940,35 @@ def _factors(P, C):
 
 
 @njit(**INLINE)
+def _append_unit(G_scaled, unit, b, h, k, L, z, A, row):
+    """Extend M_A = L D Lᵀ (k units A[:k], 1/D_jj on the diagonal of L) and z = L⁻¹ r (r = c_A + b_A, diagonal Ψ)
+    by the unit h, the bordering step of the factorisation:
+        w = L⁻¹ g (g_j = (G/σ²)_{A_j h}),   l = D⁻¹ w,   d = (M)_hh − wᵀ l,   z_h = r_h − lᵀ z,
+    so that log det M_{A∪h} = log det M_A + log d and rᵀ M⁻¹ r gains z_h²/d. Writes the new row (l, then 1/d)
+    into row[:k + 1]; returns (d, z_h), d = NaN if not above WELL_CONDITIONED × (M)_hh (as ``_border``)."""
+    for a in range(k):
+        s = G_scaled[h, A[a]]
+        for p in range(a):
+            s -= L[a, p] * row[p]
+        row[a] = s
+    d, z_h = unit[h, 4], unit[h, 1] + b[h]
+    for a in range(k):
+        l = row[a] * L[a, a]
+        d -= row[a] * l
+        z_h -= l * z[a]
+        row[a] = l
+    if not d > WELL_CONDITIONED * unit[h, 4]:
+        return np.nan, z_h
+    row[k] = 1.0 / d
+    return d, z_h
+
+
+@njit(**INLINE)
 def _root_factor(G_scaled, unit, b, words, row, smallest, L, z, A):
-    """For the state words[row] with smallest ≤ k < EXTEND_MAX active units (A, increasing) and a diagonal Ψ:
-    M_A = L D Lᵀ (``_ldl``, pivots checked as in ``_border``) into L with 1/D_jj on its diagonal, and z = L⁻¹ r
-    (r = c_A + b_A), so that log p(y, s) = const − ½ Σ_j log D_jj + ½ Σ_j z_j²/D_jj. Returns k, or 0 (no factor:
-    k out of range, or a pivot failed)."""
+    """For the state words[row] with smallest ≤ k < EXTEND_MAX active units (A, increasing): M_A = L D Lᵀ with
+    1/D_jj on the diagonal of L and z = L⁻¹ r, one unit after another (``_append_unit``), so that
+    log p(y, s) = const − ½ Σ_j log D_jj + ½ Σ_j z_j²/D_jj. Returns k, or 0 (no factor: k out of range, or a
+    pivot not above WELL_CONDITIONED × its diagonal)."""
     k = 0
     for w in range(words.shape[1]):
         k += _popcount(words[row, w])
@@ -916,19 +982,9 @@ def _root_factor(G_scaled, unit, b, words, row, smallest, L, z, A):
             i += 1
             x &= x - _ONE
     for i in range(k):
-        h = A[i]
-        L[i, i] = unit[h, 4]
-        for j in range(i):
-            L[i, j] = G_scaled[h, A[j]]
-        z[i] = unit[h, 1] + b[h]
-    if not np.isfinite(_ldl(L, k, WELL_CONDITIONED)):
-        return 0
-    for i in range(k):
-        s = z[i]
-        for j in range(i):
-            s -= L[i, j] * z[j]
-        z[i] = s
-        L[i, i] = 1.0 / L[i, i]
+        d, z[i] = _append_unit(G_scaled, unit, b, A[i], i, L, z, A, L[i])
+        if not np.isfinite(d):
+            return 0
     return k
 
 
@@ -968,8 +1024,7 @@ def _score_extended(g, cand, start, end, parents_start, chosen, n_children, flip
                     unit, b, factors):
     """Log-joints of generation g's new children cand[todo[:count]] that add one unit h to a parent with a factor
     (``random`` mutation, no crossover: child j is parent j // n_children with bit flip_bit[g, n, j] flipped),
-    by appending a row to the parent's factor (``_root_factor``), O(k²) per child instead of O(k³):
-        w = L⁻¹ g (g_j = (G/σ²)_{A_j h}),   l = D⁻¹ w,   d = (M)_hh − wᵀ l,   z_h = r_h − lᵀ z,
+    by appending a row to the parent's factor (``_append_unit``), O(k²) per child instead of O(k³):
         log p(y, s ∪ {h}) = log p(y, s) + (log-odds_h − ½ log ψ_h − ½ μ_h²/ψ_h) − ½ log d + ½ z_h²/d.
     The row (l, 1/d), z_h, h and the parent's slot are kept for the next generation. The other children (a unit
     removed, a parent without a factor, or d not above WELL_CONDITIONED × (M)_hh) stay in todo, moved to its
@@ -989,23 +1044,12 @@ def _score_extended(g, cand, start, end, parents_start, chosen, n_children, flip
             todo[rest] = c
             rest += 1
             continue
-        L, z, A, row = slot_L[bank, i], slot_z[bank, i], slot_A[bank, i], row_L[c]
-        for a in range(k):
-            s = G_scaled[h, A[a]]
-            for p in range(a):
-                s -= L[a, p] * row[p]
-            row[a] = s
-        d, z_h = unit[h, 4], unit[h, 1] + b[h]
-        for a in range(k):
-            l = row[a] * L[a, a]
-            d -= row[a] * l
-            z_h -= l * z[a]
-            row[a] = l
-        if not d > WELL_CONDITIONED * unit[h, 4]:
+        d, z_h = _append_unit(G_scaled, unit, b, h, k, slot_L[bank, i], slot_z[bank, i], slot_A[bank, i], row_L[c])
+        if not np.isfinite(d):
             todo[rest] = c
             rest += 1
             continue
-        row[k], row_z[c], row_h[c], row_slot[c] = 1.0 / d, z_h, h, i
+        row_z[c], row_h[c], row_slot[c] = z_h, h, i
         lpj[c] = lpj[parents_start + chosen[i]] + unit[h, 5] + 0.5 * (z_h * (z_h / d) - np.log(d))
     return rest
 
@@ -1013,7 +1057,7 @@ def _score_extended(g, cand, start, end, parents_start, chosen, n_children, flip
 @njit(**JIT)
 def evolve_range(first, last, K, lpj_K, known, n_parents, n_children, generations, rule, mutation, crossover,
                  rho, H, sel_u, cross_step, cross_u, flip_bit, flip_u, theta, B, tails, new_K, new_lpj, accepted,
-                 scratch, buffers, search, factors):
+                 scratch, buffers, search, factors, no_eliminations):
     """One evolutionary E-step for the patches first … last−1 of a block (DESIGN.md §1.1): starting from the
     candidates K (N, C₀, W) with log-joints lpj_K (scored here when not ``known``; duplicates share the first
     one's), ``generations`` times select parents from the population (the previous generation's children, K at
@@ -1034,7 +1078,7 @@ def evolve_range(first, last, K, lpj_K, known, n_parents, n_children, generation
             for i in range(C0):
                 lpj[i] = lpj_K[n, i]
         else:
-            _score(theta, B, n, tails[n], cand, todo, count, lpj, units, ks, moments, scratch, NO)
+            _score(theta, B, n, tails[n], cand, todo, count, lpj, units, ks, moments, scratch, NO, no_eliminations)
         start, end = ZERO, C0
         factored = False
         for g in range(generations + 1):
@@ -1053,7 +1097,7 @@ def evolve_range(first, last, K, lpj_K, known, n_parents, n_children, generation
             if factored:
                 count = _score_extended(g, cand, start, end, parents_start, chosen, n_children, flip_bit, n, todo,
                                         count, lpj, theta[1], theta[5], B[n], factors)
-            _score(theta, B, n, tails[n], cand, todo, count, lpj, units, ks, moments, scratch, NO)
+            _score(theta, B, n, tails[n], cand, todo, count, lpj, units, ks, moments, scratch, NO, no_eliminations)
         accepted[n] = _keep_best(cand, lpj, rep, end, C0, n, codes, chosen, slots, new_K, new_lpj)
 
 
@@ -1174,7 +1218,8 @@ def posterior(theta, B, tails, K, want: int):
         else:
             args = (B, tails, K, want, first, last, lpj, log_norm, mean_sz)
         weights = np.empty(-(-S // LANES) * LANES)
-        posterior_parts(theta, *args, sums, pair_sums, _scratch(H), _candidates(S, W, H), weights)
+        posterior_parts(theta, *args, sums, pair_sums, _scratch(H), _candidates(S, W, H),
+                        _eliminations(S if want == 2 else 0), weights)
 
     if want == 2:
         run_split(work, parts)
@@ -1217,7 +1262,7 @@ def search(K, lpj, n_parents: int, n_children: int, generations: int, rule: int,
                    np.empty(1 << max(6, (2 * C - 1).bit_length()), dtype=np.int64))    # _deduplicate's table
         evolve_range(first, last, K, lpj, known, n_parents, n_children, generations, rule, mutation, crossover, rho,
                      H, *draws, theta, B, tails, new_K, new_lpj, accepted, _scratch(H), _candidates(C, W, H), buffers,
-                     _factors(P, C))
+                     _factors(P, C), _eliminations(0))
 
     run_split(work, N)
     return new_K, new_lpj, accepted
