@@ -39,6 +39,20 @@ def assert_same_e_step(new, old, rel=1e-12):
         assert np.abs(stats_new[key] - stats_old[key]).max() <= rel * scale, key
 
 
+def assert_same_epochs(new, old, Y, params, next_params):
+    """Three epochs from the package's initial sets, each E-step of both models followed by the numpy model's
+    M-step (then ``next_params(new Θ, old Θ)``): identical truncated sets and statistics; returns the last sets."""
+    ids = np.arange(Y.shape[0])
+    K_new = K_old = new.init_block_state(Y, params, PatchRandom(0, 0, 0, ids))
+    for epoch in range(3):
+        step_new = new.e_step(Y, params, K_new, PatchRandom(0, 1, epoch, ids))
+        step_old = old.e_step(Y, params, K_old, PatchRandom(0, 1, epoch, ids))
+        assert_same_e_step(step_new, step_old)
+        (K_new, _), (K_old, stats) = step_new, step_old
+        params = next_params(old.m_step(params, stats), params)
+    return K_new
+
+
 def well_conditioned(params):
     """A full Ψ whose eigenvalues are ≥ 0.1: the information form needs Ψ_AA⁻¹, and with the M-step's
     eigenvalue floor (1e-8 of the largest) both the kernel and the numpy path are only accurate to about
@@ -64,15 +78,7 @@ def test_e_steps_equal_the_numpy_e_step(options):
     settings = EvolutionSettings(S=7, parents=4, **options)
     Y = data()
     new, old = SSSC(H, settings, psi), ReferenceSSSC(H, settings, psi)
-    params = start(new, Y)
-    ids = np.arange(Y.shape[0])
-    K_new = K_old = new.init_block_state(Y, params, PatchRandom(0, 0, 0, ids))
-    for epoch in range(3):
-        step_new = new.e_step(Y, params, K_new, PatchRandom(0, 1, epoch, ids))
-        step_old = old.e_step(Y, params, K_old, PatchRandom(0, 1, epoch, ids))
-        assert_same_e_step(step_new, step_old)
-        (K_new, _), (K_old, stats) = step_new, step_old
-        params = well_conditioned(old.m_step(params, stats))
+    assert_same_epochs(new, old, Y, start(new, Y), lambda params, _: well_conditioned(params))
 
 
 @pytest.mark.parametrize("psi", ["diag", "full"])
@@ -308,15 +314,8 @@ def test_dense_e_steps_with_extended_factors_equal_the_numpy_e_step(H, pi):
     Y = ((rng.random((120, H)) < pi) * rng.normal(3.0, 1.0, (120, H))) @ W.T + rng.normal(0.0, 0.5, (120, 24))
     new, old = SSSC(H, settings), ReferenceSSSC(H, settings)
     params = dict(start(new, Y, pi=pi), W=W, sigma2=np.array(0.25), psi=np.ones(H), mu=np.full(H, 3.0))
-    ids = np.arange(Y.shape[0])
-    K_new = K_old = new.init_block_state(Y, params, PatchRandom(0, 0, 0, ids))
-    for epoch in range(3):
-        step_new = new.e_step(Y, params, K_new, PatchRandom(0, 1, epoch, ids))
-        step_old = old.e_step(Y, params, K_old, PatchRandom(0, 1, epoch, ids))
-        assert_same_e_step(step_new, step_old)
-        (K_new, _), (K_old, stats) = step_new, step_old
-        params = dict(old.m_step(params, stats), pi=params["pi"])
-    k = np.unpackbits(K_new.view(np.uint8), axis=-1).sum(-1)
+    K = assert_same_epochs(new, old, Y, params, lambda params, previous: dict(params, pi=previous["pi"]))
+    k = np.unpackbits(K.view(np.uint8), axis=-1).sum(-1)
     assert k.mean() > 3, k.mean()
 
 

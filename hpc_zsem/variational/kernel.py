@@ -14,7 +14,10 @@ diagonal Ψ, states with k > 2 are scored, and their M_A⁻¹ formed for the sta
 table row bordered by the other units (``_border``: a Schur complement, factorised L D Lᵀ; k = 3, 4 in closed
 form by ``_bordered_pair``; with σ estimated a textured EM image keeps mostly k = 3 … 6). A full Ψ, and states
 whose elimination would lose digits, take a square-root-free Cholesky factorisation M_A = L D Lᵀ
-(``_solve_state``), and for the statistics a Cholesky factor and its inverse.
+(``_solve_state``), and for the statistics a Cholesky factor and its inverse. The posterior keeps each bordered
+state's elimination for its statistics (``_eliminations``). In the search, a child that adds one unit to a
+parent with 3 … EXTEND_MAX − 1 units is scored by appending one row to the parent's factor (``_append_unit``,
+O(k²)); the parents' factors are built the same way and inherited by the next generation (``_factor_parents``).
 
 The kernels release the GIL. A training epoch runs whole blocks concurrently on ``set_threads(n)`` Python
 threads (``map_in_order``: no hand-off between threads inside a block, the blocks' statistics added in block
