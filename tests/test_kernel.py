@@ -2,6 +2,9 @@
 truncated sets — states and their order — for every option combination, log-joints and statistics equal to
 rounding, and results that depend neither on the thread count nor on the block size."""
 import itertools
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -371,3 +374,40 @@ def test_extended_factors_score_children_as_the_direct_forms():
     assert rest == 3
     second = [start + children * i for i in range(3)]
     np.testing.assert_allclose(lpj[second], direct(cand[second]), rtol=1e-12)
+
+
+FIRST_RUN = """
+import logging, numpy as np
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from hpc_zsem.variational import kernel
+kernel.set_threads({threads})
+kernel.ensure_compiled()
+print("search loaded from the cache:", sum(kernel.evolve_range.stats.cache_hits.values()) > 0)
+theta = kernel.theta_terms(np.eye(4) * 2, 1.0, np.ones(4), np.zeros(4), np.zeros(4), -1.0)
+K = np.array([[[1], [3], [7], [15]]], dtype=np.uint64)
+print("log-joints", kernel.posterior(theta, np.ones((1, 4)), np.zeros(1), K, 0)[0].tolist())
+"""
+
+
+def first_run(tmp_path, threads):
+    """A process that compiles the kernels into an empty numba cache; its output and log."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / f"cache{threads}"))
+    done = subprocess.run([sys.executable, "-c", FIRST_RUN.format(threads=threads)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done.stdout, done.stderr
+
+
+def test_first_run_with_two_threads_compiles_the_search_in_a_helper_process(tmp_path):
+    """An empty cache and 2 kernel threads: the search kernel is compiled by a helper process meanwhile and
+    loaded from the cache (logged); the kernels give the numbers of a 1-thread first run (no helper)."""
+    out2, log2 = first_run(tmp_path, 2)
+    out1, log1 = first_run(tmp_path, 1)
+    assert "the search in a second process" in log2 and "search loaded from the cache: True" in out2
+    assert "compiling kernels" in log1 and "second process" not in log1 and "cache: False" in out1
+    assert out2.splitlines()[-1] == out1.splitlines()[-1]
+
+
+def test_a_helper_that_cannot_start_leaves_the_compilation_to_this_process(monkeypatch):
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python3")
+    assert kernel._search_compiler() is None

@@ -34,6 +34,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -461,14 +464,19 @@ def _tabulate(theta, unit, pairs, scratch):
 
 def theta_terms(G, sigma2, psi, mu, log_odds, log_p0):
     """The Θ-derived arrays every kernel takes (the θ tuple described above)."""
-    H = G.shape[0]
     ensure_compiled()
-    theta = (np.ascontiguousarray(psi.reshape(1, H) if psi.ndim == 1 else psi, dtype=np.float64),
-             np.ascontiguousarray(G / sigma2, dtype=np.float64), np.ascontiguousarray(mu, dtype=np.float64),
-             np.ascontiguousarray(log_odds, dtype=np.float64), np.array([sigma2, log_p0], dtype=np.float64),
-             np.zeros((H, 6)), np.empty((H * (H + 1) // 2 + 1, 6)))
+    theta = _theta_arrays(G, sigma2, psi, mu, log_odds, log_p0)
     _tabulate(theta, theta[5], theta[6], _scratch(2))
     return theta
+
+
+def _theta_arrays(G, sigma2, psi, mu, log_odds, log_p0):
+    """The θ tuple with its per-unit and k ≤ 2 tables zero (``_tabulate`` fills them)."""
+    H = G.shape[0]
+    return (np.ascontiguousarray(psi.reshape(1, H) if psi.ndim == 1 else psi, dtype=np.float64),
+            np.ascontiguousarray(G / sigma2, dtype=np.float64), np.ascontiguousarray(mu, dtype=np.float64),
+            np.ascontiguousarray(log_odds, dtype=np.float64), np.array([sigma2, log_p0], dtype=np.float64),
+            np.zeros((H, 6)), np.zeros((H * (H + 1) // 2 + 1, 6)))
 
 
 def _scratch(H):
@@ -1275,6 +1283,7 @@ def search(K, lpj, n_parents: int, n_children: int, generations: int, rule: int,
 _compiled = False
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3          # glibc's mallopt parameters
 _KEEP_FREED = 1 << 30
+HELPER_TIMEOUT = 300    # s: ensure_compiled compiles the search itself after this
 
 
 def keep_freed_memory() -> bool:
@@ -1290,25 +1299,68 @@ def keep_freed_memory() -> bool:
         return False
 
 
+def _tiny_inputs(tabulated=True):
+    """Θ terms (with or without their tables), B, tails and truncated sets of a 3-unit model: inputs on which the
+    kernels compile."""
+    H = 3
+    terms = (np.eye(H), 1.0, np.ones(H), np.zeros(H), np.zeros(H), -1.0)
+    theta = theta_terms(*terms) if tabulated else _theta_arrays(*terms)
+    return theta, np.zeros((1, H)), np.zeros(1), np.array([[[1], [7]]], dtype=np.uint64)
+
+
+def _warm_search(theta, B, tails, K) -> None:
+    """One search on tiny inputs (compiles or loads the search kernel and what it calls)."""
+    H = B.shape[1]
+    draws = (np.full((1, 1, 2), 0.5), np.ones((1, 1, 1), dtype=np.int64), np.full((1, 1, 1, H), 0.5),
+             np.zeros((1, 1, 1), dtype=np.int64), np.full((1, 1, 1, H), 0.5))
+    search(K, np.zeros((1, 2)), 1, 1, 1, 0, 1, True, 1.0, H, draws, theta, B, tails, 2)
+
+
+def compile_search() -> None:
+    """The helper process of ``ensure_compiled``: compile the search kernel into numba's cache, nothing else (the
+    search compiles on Θ terms whose tables are zero: the tables' kernel is the other process's)."""
+    global _compiled
+    _compiled = True
+    _warm_search(*_tiny_inputs(tabulated=False))
+
+
+def _search_compiler() -> subprocess.Popen | None:
+    """Start a process that compiles the search kernel into numba's cache while this one compiles the others
+    (numba compiles one function at a time per process); None if it cannot start."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (package_parent, os.environ.get("PYTHONPATH")))))
+    try:
+        return subprocess.Popen([sys.executable, "-c", "import hpc_zsem.variational.kernel as k; k.compile_search()"],
+                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:
+        return None
+
+
 def ensure_compiled() -> None:
     """Compile (or load from numba's cache) every kernel once per process, on tiny inputs of the dtypes the
-    E-step uses (logs the time when anything had to be compiled), and ``keep_freed_memory``."""
+    E-step uses (logs the time when anything had to be compiled), and ``keep_freed_memory``. On a first run
+    with ≥ 2 kernel threads a helper process compiles the search kernel meanwhile (``_search_compiler``; this
+    process then loads it from the cache, or compiles it itself if the helper failed)."""
     global _compiled
     if _compiled:
         return
     _compiled = True
     keep_freed_memory()
     t0 = time.perf_counter()
-    H = 3
-    theta = theta_terms(np.eye(H), 1.0, np.ones(H), np.zeros(H), np.zeros(H), -1.0)
-    K = np.array([[[1], [7]]], dtype=np.uint64)
-    B, tails = np.zeros((1, H)), np.zeros(1)
-    posterior(theta, B, tails, K, 2)
-    draws = (np.full((1, 1, 2), 0.5), np.ones((1, 1, 1), dtype=np.int64), np.full((1, 1, 1, H), 0.5),
-             np.zeros((1, 1, 1), dtype=np.int64), np.full((1, 1, 1, H), 0.5))
-    search(K, np.zeros((1, 2)), 1, 1, 1, 0, 1, True, 1.0, H, draws, theta, B, tails, 2)
     for out, span in ((np.empty((1, 1)), 0), (np.empty((1, 1), dtype=np.int64), 2)):
         counter_numbers(0, 1, np.zeros(1, dtype=np.uint64), np.uint64(0), np.int64(0), np.uint64(span), out)
+    first_run = sum(counter_numbers.stats.cache_misses.values()) > 0
+    helper = _search_compiler() if first_run and _threads > 1 else None
+    theta, B, tails, K = _tiny_inputs()
+    posterior(theta, B, tails, K, 2)
+    if helper is not None:
+        try:
+            helper.wait(timeout=HELPER_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            helper.kill()
+            helper.wait()
+    _warm_search(theta, B, tails, K)
     kernels = (_tabulate, posterior_parts, _mirror_upper, evolve_range, counter_numbers)
     if any(sum(kernel.stats.cache_misses.values()) for kernel in kernels):
-        log.info("compiling kernels (once per machine; cached afterwards) … %.1f s", time.perf_counter() - t0)
+        log.info("compiling kernels (once per machine; cached afterwards%s) … %.1f s",
+                 "; the search in a second process" if helper is not None else "", time.perf_counter() - t0)
