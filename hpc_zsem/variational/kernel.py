@@ -471,12 +471,12 @@ def theta_terms(G, sigma2, psi, mu, log_odds, log_p0):
 
 
 def _theta_arrays(G, sigma2, psi, mu, log_odds, log_p0):
-    """The θ tuple with its per-unit and k ≤ 2 tables zero (``_tabulate`` fills them)."""
+    """The θ tuple with its per-unit table zero and its k ≤ 2 table unfilled (``_tabulate`` fills both)."""
     H = G.shape[0]
     return (np.ascontiguousarray(psi.reshape(1, H) if psi.ndim == 1 else psi, dtype=np.float64),
             np.ascontiguousarray(G / sigma2, dtype=np.float64), np.ascontiguousarray(mu, dtype=np.float64),
             np.ascontiguousarray(log_odds, dtype=np.float64), np.array([sigma2, log_p0], dtype=np.float64),
-            np.zeros((H, 6)), np.zeros((H * (H + 1) // 2 + 1, 6)))
+            np.zeros((H, 6)), np.empty((H * (H + 1) // 2 + 1, 6)))
 
 
 def _scratch(H):
@@ -979,7 +979,8 @@ def _root_factor(G_scaled, unit, b, words, row, smallest, L, z, A):
     """For the state words[row] with smallest ≤ k < EXTEND_MAX active units (A, increasing): M_A = L D Lᵀ with
     1/D_jj on the diagonal of L and z = L⁻¹ r, one unit after another (``_append_unit``), so that
     log p(y, s) = const − ½ Σ_j log D_jj + ½ Σ_j z_j²/D_jj. Returns k, or 0 (no factor: k out of range, or a
-    pivot not above WELL_CONDITIONED × its diagonal)."""
+    pivot not above WELL_CONDITIONED × its diagonal). The units are read as in ``_active_units``, here into the
+    slot's own row (going through ``_active_units``' column layout and copying cost 2–6 % of a dense search)."""
     k = 0
     for w in range(words.shape[1]):
         k += _popcount(words[row, w])
@@ -1318,7 +1319,7 @@ def _warm_search(theta, B, tails, K) -> None:
 
 def compile_search() -> None:
     """The helper process of ``ensure_compiled``: compile the search kernel into numba's cache, nothing else (the
-    search compiles on Θ terms whose tables are zero: the tables' kernel is the other process's)."""
+    search compiles on Θ terms whose tables are unfilled: the tables' kernel is the other process's)."""
     global _compiled
     _compiled = True
     _warm_search(*_tiny_inputs(tabulated=False))
