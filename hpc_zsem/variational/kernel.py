@@ -601,6 +601,17 @@ def _add_means(q, S, units, ks, moments, mean):
 
 
 @njit(**INLINE)
+def _add_units(qs, units, moments, s, k, mean, first):
+    """mean[h] += q m_h, S_s[h] += q, S_sz[h] += q m_h for the k units h of state s (k a constant where inlined:
+    the loop unrolls)."""
+    for i in range(k):
+        h, m = units[i, s], moments[i, s]
+        mean[h] += qs * m
+        first[0, h] += qs
+        first[1, h] += qs * m
+
+
+@njit(**INLINE)
 def _accumulate_three(pairs, H, qs, units, moments, s, U, S, mean, first, second):
     """``_accumulate`` of one state with k = 3 whose elimination ``_score`` kept, written out (bit for bit the
     general path: ``_bordered_covariance`` with q = 1, S = s₀₀ a number, d = 1/s₀₀):
@@ -611,15 +622,7 @@ def _accumulate_three(pairs, H, qs, units, moments, s, U, S, mean, first, second
     d = 1.0 / S[0, 0]
     a0, a1 = 0.0 + U[0, 0] * d, 0.0 + U[1, 0] * d
     v00, v01, v11 = 0.0 + a0 * U[0, 0], 0.0 + a0 * U[1, 0], 0.0 + a1 * U[1, 0]
-    mean[h] += qs * m0
-    mean[l] += qs * m1
-    mean[g] += qs * m2
-    first[0, h] += qs
-    first[1, h] += qs * m0
-    first[0, l] += qs
-    first[1, l] += qs * m1
-    first[0, g] += qs
-    first[1, g] += qs * m2
+    _add_units(qs, units, moments, s, 3, mean, first)
     second[0, h, h] += qs * ((pairs[t, 0] + v00) + m0 * m0)
     second[0, h, l] += qs * ((pairs[t, 1] + v01) + m0 * m1)
     second[0, h, g] += qs * (-a0 + m0 * m2)
@@ -644,18 +647,7 @@ def _accumulate_four(pairs, H, qs, units, moments, s, U, S, mean, first, second)
     v00 = 0.0 + a0 * U[0, 0] + b0 * U[0, 1]
     v01 = 0.0 + a0 * U[1, 0] + b0 * U[1, 1]
     v11 = 0.0 + a1 * U[1, 0] + b1 * U[1, 1]
-    mean[h0] += qs * m0
-    mean[h1] += qs * m1
-    mean[h2] += qs * m2
-    mean[h3] += qs * m3
-    first[0, h0] += qs
-    first[1, h0] += qs * m0
-    first[0, h1] += qs
-    first[1, h1] += qs * m1
-    first[0, h2] += qs
-    first[1, h2] += qs * m2
-    first[0, h3] += qs
-    first[1, h3] += qs * m3
+    _add_units(qs, units, moments, s, 4, mean, first)
     second[0, h0, h0] += qs * ((pairs[t, 0] + v00) + m0 * m0)
     second[0, h0, h1] += qs * ((pairs[t, 1] + v01) + m0 * m1)
     second[0, h0, h2] += qs * (-a0 + m0 * m2)
