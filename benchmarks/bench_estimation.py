@@ -43,14 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_quality as bq  # noqa: E402
 
 from hpc_zsem.config import load_config  # noqa: E402
+from hpc_zsem.estimation import estimation_state  # noqa: E402
 from hpc_zsem.models import build_model  # noqa: E402
-from hpc_zsem.parallel import STAGE_ESTIMATE, STAGE_INIT  # noqa: E402
-from hpc_zsem.randomness import PatchRandom  # noqa: E402
 from hpc_zsem.variational.kernel import posterior, set_threads  # noqa: E402
 
-#: the 8 symmetries of the square: (forward, inverse) pairs
-DIHEDRAL = [(lambda x, r=r, t=t: np.rot90(x.T if t else x, r),
-             lambda x, r=r, t=t: (lambda y: y.T if t else y)(np.rot90(x, -r))) for r in range(4) for t in (0, 1)]
+#: the 8 symmetries of the square: (quarter turns, transposed first)
+DIHEDRAL = [(turns, flip) for turns in range(4) for flip in (False, True)]
 
 
 def all_patches(image, p):
@@ -82,16 +80,15 @@ def pilot_wiener(noisy, pilot, sigma, p, weighted):
     return combine(patches.reshape(-1, p * p), weights.ravel(), noisy.shape, p)
 
 
-def estimate(config, params, Y, epochs):
-    """The package's estimation of patches Y (global indices 0…n−1): estimates (n, D) and, per patch, the
-    posterior's E_q[|s|], max_s q(s) and entropy over its final truncated set."""
+def estimate(config, params, Y):
+    """The package's estimation of patches Y (global indices 0…n−1; ``estimation_state``, ``model.estimate``):
+    estimates (n, D) and, per patch, the posterior's E_q[|s|], max_s q(s) and entropy over its final set."""
     model = build_model(config)
-    seed, size = config.training.seed, config.training.block_size
+    size = config.training.block_size
     out, ek, qmax, entropy = np.empty_like(Y), np.empty(len(Y)), np.empty(len(Y)), np.empty(len(Y))
     for a in range(0, len(Y), size):
         part, ids = slice(a, a + size), np.arange(a, min(a + size, len(Y)))
-        K = model.init_block_state(Y[part], params, PatchRandom(seed, STAGE_INIT, 0, ids),
-                                   [PatchRandom(seed, STAGE_ESTIMATE, e, ids) for e in range(1, epochs + 1)])
+        K = estimation_state(config, model, params, Y[part], ids)
         lpj, log_norm = posterior(*model._scorer(Y[part], params), K, 0)[:2]
         q = np.exp(lpj - log_norm[:, None])
         k = np.unpackbits(K.view(np.uint8), axis=-1, bitorder="little").sum(-1)
@@ -136,17 +133,21 @@ def main():
     with h5py.File(result) as f:
         params = {key: f["params"][key][()] for key in f["params"]}
         run_mean = f["mean"][:].astype(np.float64)
-    config = load_config(bq.config_path(args.config), [*args.set, f"input.path={work / tag}.tif",
-                                                       f"output.path={result}"])
+    def configured(*extra):
+        return load_config(bq.config_path(args.config), [*args.set, f"input.path={work / tag}.tif",
+                                                         f"output.path={result}", *extra])
+
+    config = configured()
     p = config.patches.size[0]
     e0 = config.estimation.epochs
     row(f"run's mean image (e = {e0})", run_mean, 0.0)
-    Y = all_patches(noisy.astype(np.float32).astype(np.float64), p)     # the run read a float32 TIFF
+    read = noisy.astype(np.float32).astype(np.float64)                  # the run read a float32 TIFF
+    Y = all_patches(read, p)
     shape = noisy.shape
     uniform = np.ones(len(Y))
     for e in sorted({int(x) for x in args.epochs.split(",")} | {e0}):
         t0 = time.process_time()
-        est, ek, qmax, entropy = estimate(config, params, Y, e)
+        est, ek, qmax, entropy = estimate(configured(f"estimation.epochs={e}"), params, Y)
         cpu = time.process_time() - t0
         row(f"uniform, e = {e}", combine(est, uniform, shape, p), cpu)
         if e != e0:
@@ -160,23 +161,23 @@ def main():
             row(f"Gaussian window s = {s:g}, e = {e}", combine(est, np.tile(np.outer(g, g).ravel(), (len(Y), 1)),
                                                              shape, p), cpu)
     if args.S:
-        bigger = load_config(bq.config_path(args.config), [*args.set, f"input.path={work / tag}.tif",
-                                                           f"output.path={result}", f"truncation.S={args.S}"])
         t0 = time.process_time()
-        est = estimate(bigger, params, Y, e0)[0]
+        est = estimate(configured(f"truncation.S={args.S}"), params, Y)[0]
         row(f"S = {args.S} in the estimation, e = {e0}", combine(est, uniform, shape, p), time.process_time() - t0)
     if args.dihedral_epochs:
         total, cpu = np.zeros(shape), 0.0
-        for forward, inverse in DIHEDRAL:
+        short = configured(f"estimation.epochs={args.dihedral_epochs}")
+        for turns, flip in DIHEDRAL:
             t0 = time.process_time()
-            image = np.ascontiguousarray(forward(noisy.astype(np.float32).astype(np.float64)))
-            est = estimate(config, params, all_patches(image, p), args.dihedral_epochs)[0]
-            total += inverse(combine(est, np.ones(len(est)), image.shape, p))
+            image = np.ascontiguousarray(np.rot90(read.T if flip else read, turns))
+            est = estimate(short, params, all_patches(image, p))[0]
+            back = np.rot90(combine(est, np.ones(len(est)), image.shape, p), -turns)
+            total += back.T if flip else back
             cpu += time.process_time() - t0
         row(f"dihedral ensemble of 8, e = {args.dihedral_epochs}", total / len(DIHEDRAL), cpu)
     for weighted in (False, True):
         row(f"Wiener, mean image as pilot{', weighted' if weighted else ''}",
-            pilot_wiener(noisy.astype(np.float32).astype(np.float64), run_mean, np.sqrt(params["sigma2"]), p, weighted),
+            pilot_wiener(read, run_mean, np.sqrt(params["sigma2"]), p, weighted),
             0.0)
     if args.json:
         Path(args.json).write_text(json.dumps({"argv": sys.argv, "image": args.image, "sigma": args.sigma,

@@ -30,20 +30,27 @@ from hpc_zsem.variational.kernel import map_in_order
 log = logging.getLogger("hpc_zsem")
 
 
+def estimation_state(config: Config, model: PatchModel, params: dict[str, np.ndarray], Y: np.ndarray,
+                     ids: np.ndarray) -> np.ndarray:
+    """The state from which the patches ``Y`` with global indices ``ids`` are estimated under the frozen Θ
+    ``params``: a fresh truncated set per patch (``model.init_block_state``) improved by ``estimation.epochs``
+    evolutionary E-steps, every random number keyed by the patch's global index."""
+    seed = config.training.seed
+    return model.init_block_state(Y, params, PatchRandom(seed, STAGE_INIT, 0, ids),
+                                  [PatchRandom(seed, STAGE_ESTIMATE, epoch, ids)
+                                   for epoch in range(1, config.estimation.epochs + 1)])
+
+
 def estimate_patches(config: Config, model: PatchModel, params: dict[str, np.ndarray], Y: np.ndarray,
                      ids: np.ndarray) -> np.ndarray:
-    """Clean-patch estimates of the patches ``Y`` with global indices ``ids`` under the frozen Θ ``params``: a
-    fresh truncated set per patch (``model.init_block_state``), ``estimation.epochs`` evolutionary E-steps,
-    then the posterior-predictive mean E[y | y_n] = W⟨s⊙z⟩_n, in blocks of ``training.block_size`` (whole blocks
-    on the kernel threads)."""
-    seed, size = config.training.seed, config.training.block_size
+    """Clean-patch estimates of the patches ``Y`` with global indices ``ids`` under the frozen Θ ``params``:
+    from ``estimation_state``, the posterior-predictive mean E[y | y_n] = W⟨s⊙z⟩_n, in blocks of
+    ``training.block_size`` (whole blocks on the kernel threads)."""
+    size = config.training.block_size
     out = np.empty_like(Y)
 
     def estimate(part: slice) -> np.ndarray:
-        state = model.init_block_state(Y[part], params, PatchRandom(seed, STAGE_INIT, 0, ids[part]),
-                                       [PatchRandom(seed, STAGE_ESTIMATE, epoch, ids[part])
-                                        for epoch in range(1, config.estimation.epochs + 1)])
-        return model.estimate(Y[part], params, state)
+        return model.estimate(Y[part], params, estimation_state(config, model, params, Y[part], ids[part]))
 
     parts = [slice(start, start + size) for start in range(0, len(Y), size)]
     for part, estimates in zip(parts, map_in_order(estimate, parts)):

@@ -602,8 +602,8 @@ def _add_means(q, S, units, ks, moments, mean):
 
 @njit(**INLINE)
 def _add_units(qs, units, moments, s, k, mean, first):
-    """mean[h] += q m_h, S_s[h] += q, S_sz[h] += q m_h for the k units h of state s (k a constant where inlined:
-    the loop unrolls)."""
+    """mean[h] += q m_h, S_s[h] += q, S_sz[h] += q m_h for the k units h of state s (k > 2; in
+    ``_accumulate_three``/``_four`` k is a constant and the loop unrolls)."""
     for i in range(k):
         h, m = units[i, s], moments[i, s]
         mean[h] += qs * m
@@ -700,23 +700,21 @@ def _accumulate(theta, q, S, units, ks, moments, scratch, kept, mean, first, sec
                 second[2, l, h] += two * m0
                 second[2, l, l] += qs * m1
             continue
-        if (k == 3) & kept[2][s] & (not full):
-            _accumulate_three(pairs, H, qs, units, moments, s, kept[0][s], kept[1][s], mean, first, second)
+        if kept[2][s] & (k <= 4) & (not full):
+            if k == 3:
+                _accumulate_three(pairs, H, qs, units, moments, s, kept[0][s], kept[1][s], mean, first, second)
+            else:
+                _accumulate_four(pairs, H, qs, units, moments, s, kept[0][s], kept[1][s], mean, first, second)
             continue
-        if (k == 4) & kept[2][s] & (not full):
-            _accumulate_four(pairs, H, qs, units, moments, s, kept[0][s], kept[1][s], mean, first, second)
-            continue
+        _add_units(qs, units, moments, s, k, mean, first)
         for i in range(k):
             A[i] = units[i, s]
-            mean[A[i]] += qs * moments[i, s]
         if kept[2][s]:
             _bordered_covariance(pairs, _pair_row(A[0], A[1], H), k, kept[0][s], kept[1][s], cov)
         else:
             _state_terms(theta, A, k, work, tmp, cov, c)
         for i in range(k):
             h = A[i]
-            first[0, h] += qs
-            first[1, h] += qs * moments[i, s]
             for j in range(i, k):
                 second[0, h, A[j]] += qs * (cov[i, j] + moments[i, s] * moments[j, s])
             if full:
