@@ -17,11 +17,12 @@ def select_rows(lpj, n_parents, rule, u):
     for fitness selection)."""
     N, C = lpj.shape
     out = np.empty((N, min(n_parents, C)), dtype=np.int64)
-    keys, chosen = np.empty(C, dtype=np.int64), np.empty(max(n_parents, C), dtype=np.int64)
+    keys, ranks = np.empty(C + kernel.RANK_LANES, dtype=np.int64), np.empty(C + kernel.RANK_LANES, dtype=np.int64)
+    chosen = np.empty(max(n_parents, C), dtype=np.int64)
     flat = lpj.ravel()
     drawn = np.log(u + 1e-300) if rule == 0 else u
     for n in range(N):
-        count = kernel._select(flat, n * C, C, n_parents, rule, drawn.reshape(1, N, C), 0, n, keys, chosen)
+        count = kernel._select(flat, n * C, C, n_parents, rule, drawn.reshape(1, N, C), 0, n, keys, ranks, chosen)
         out[n] = chosen[:count]
     return out
 

@@ -228,12 +228,12 @@ def test_counter_numbers_are_those_of_patch_random():
 
 
 @njit
-def _ranked(keys, first):
-    codes, slots = np.empty(keys.size, dtype=np.int64), np.full(first, -1)
+def _ranked(keys, first, size):
+    codes, ranks, slots = np.empty(size, dtype=np.int64), np.empty(size, dtype=np.int64), np.full(keys.size, -1)
     for i in range(keys.size):
         codes[i] = kernel._order_code(keys[i])
-    kernel._top_ranked(codes, keys.size, first, slots)
-    return slots
+    kernel._top_ranked(codes, keys.size, first, ranks, slots)
+    return slots[:first]
 
 
 def test_rank_counting_gives_the_stable_order_with_ties_and_nan():
@@ -247,7 +247,7 @@ def test_rank_counting_gives_the_stable_order_with_ties_and_nan():
             keys = rng.choice([-np.inf, -1.5, -0.0, 0.0, 2.0, np.inf, np.nan], size=C)
         first = int(rng.integers(1, C + 1))
         expected = np.argsort(-np.where(np.isnan(keys), -np.inf, keys) + 0.0, kind="stable")[:first]
-        np.testing.assert_array_equal(_ranked(keys, first), expected)
+        np.testing.assert_array_equal(_ranked(keys, first, kernel.ranked(C)), expected)
 
 
 def test_keep_best_with_tied_log_joints_equals_the_numpy_order():
@@ -268,8 +268,9 @@ def test_keep_best_with_tied_log_joints_equals_the_numpy_order():
             cand[:C0], lpj[:C0] = cand[:C0][order], lpj[:C0][order]
             rep = first_occurrence(cand[None])[0]
         new_K, new_lpj = np.empty((1, S, 1), dtype=np.uint64), np.empty((1, S))
-        index = lambda: np.empty(C, dtype=np.int64)                             # noqa: E731
-        accepted = kernel._keep_best(cand, lpj, rep, C, C0, 0, index(), index(), index(), new_K, new_lpj)
+        index = lambda size=C: np.empty(size, dtype=np.int64)                   # noqa: E731
+        accepted = kernel._keep_best(cand, lpj, rep, C, C0, 0, index(kernel.ranked(C)), index(kernel.ranked(C)),
+                                     index(), index(), new_K, new_lpj)
         order, expected_accepted = best_distinct(cand[None], lpj[None], S)
         np.testing.assert_array_equal(new_K[0, :, 0], cand[order[0], 0])
         np.testing.assert_array_equal(new_lpj[0], lpj[order[0]])

@@ -46,6 +46,7 @@ import numpy as np
 from numba import njit
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.extending import intrinsic
 
@@ -563,6 +564,7 @@ def _score(theta, B, n, tail, cand, rows, count, lpj, units, ks, moments, scratc
 _LOG2E = 1.4426950408889634
 _LN2_HI, _LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10   # ln 2 = hi + lo, hi: 32 bits
 _ROUND = 6755399441055744.0             # 1.5·2⁵²: (x + _ROUND) − _ROUND rounds x to an integer
+RANK_LANES = 16                         # _top_ranked counts ranks for this many members at a time
 LANES = 32                              # _exp loops run over a multiple of this many elements (no scalar tail)
 
 
@@ -775,36 +777,50 @@ def _order_code(x):
     return bits ^ ((bits >> 63) & np.int64(0x7FFFFFFFFFFFFFFF))
 
 
+@intrinsic
+def _count_above(typingctx, codes, count, b, ranks):
+    """ranks[b + l] = #{j < count : codes[j] > codes[b + l]} for the 8 lanes l < 8 at once: the lanes as one
+    vector, compared with each codes[j] in turn (codes and ranks hold ≥ b + 8 entries)."""
+    def codegen(context, builder, signature, args):
+        codes_array = context.make_array(signature.args[0])(context, builder, args[0])
+        ranks_array = context.make_array(signature.args[3])(context, builder, args[3])
+        vector = ir.VectorType(ir.IntType(64), RANK_LANES)
+        lanes = builder.load(builder.bitcast(builder.gep(codes_array.data, [args[2]]), vector.as_pointer()), align=8)
+        total = cgutils.alloca_once_value(builder, ir.Constant(vector, None))
+        with cgutils.for_range(builder, args[1]) as loop:
+            x = builder.load(builder.gep(codes_array.data, [loop.index]))
+            spread = builder.shuffle_vector(builder.insert_element(ir.Constant(vector, ir.Undefined), x,
+                                                                   ir.Constant(ir.IntType(32), 0)),
+                                            ir.Constant(vector, ir.Undefined),
+                                            ir.Constant(ir.VectorType(ir.IntType(32), RANK_LANES), None))
+            above = builder.zext(builder.icmp_signed(">", spread, lanes), vector)
+            builder.store(builder.add(builder.load(total), above), total)
+        builder.store(builder.load(total), builder.bitcast(builder.gep(ranks_array.data, [args[2]]),
+                                                           vector.as_pointer()), align=8)
+        return context.get_dummy_value()
+    return types.void(codes, count, b, ranks), codegen
+
+
+def ranked(count: int) -> int:
+    """The size of ``_top_ranked``'s codes and ranks for count members: count rounded up to RANK_LANES."""
+    return -(-count // RANK_LANES) * RANK_LANES
+
+
 @njit(**JIT)
-def _top_ranked(codes, count, first, slots):
+def _top_ranked(codes, count, first, ranks, slots):
     """slots[r] = i for the members i < count whose rank r is below ``first``, the rank being the position in
-    the order of decreasing codes[:count], ties by index (the order of a stable ``argsort(−codes)``).
-    For 8 members at a time (vectorised) it counts r_i = #{j : codes_j > codes_i}; Σ_i r_i = count(count−1)/2
-    − #(tied pairs), so when the sum is count(count−1)/2 there are no ties and the r_i are the ranks; otherwise
-    (rare) a second pass adds #{j < i : codes_j = codes_i}."""
+    the order of decreasing codes[:count], ties by index (the order of a stable ``argsort(−codes)``); slots[first:
+    count] are overwritten too. ``codes`` and ``ranks`` hold count rounded up to a multiple of RANK_LANES.
+    For RANK_LANES members at a time (one vector) it counts r_i = #{j : codes_j > codes_i}; Σ_i r_i =
+    count(count−1)/2 − #(tied pairs), so when the sum is count(count−1)/2 there are no ties and the r_i are the
+    ranks; otherwise (rare) a second pass adds #{j < i : codes_j = codes_i}."""
+    for b in range(0, count, RANK_LANES):
+        _count_above(codes, count, b, ranks)
     total = 0
-    last = count - 1
-    for b in range(0, count, 8):
-        c0, c1, c2, c3 = codes[b], codes[min(b + 1, last)], codes[min(b + 2, last)], codes[min(b + 3, last)]
-        c4, c5, c6, c7 = (codes[min(b + 4, last)], codes[min(b + 5, last)], codes[min(b + 6, last)],
-                          codes[min(b + 7, last)])
-        r0 = r1 = r2 = r3 = r4 = r5 = r6 = r7 = 0
-        for j in range(count):
-            x = codes[j]
-            r0 += x > c0
-            r1 += x > c1
-            r2 += x > c2
-            r3 += x > c3
-            r4 += x > c4
-            r5 += x > c5
-            r6 += x > c6
-            r7 += x > c7
-        for lane, r in enumerate((r0, r1, r2, r3, r4, r5, r6, r7)):
-            if b + lane < count:
-                total += r
-                if r < first:
-                    slots[r] = b + lane
-    if total != count * last // 2:
+    for i in range(count):
+        total += ranks[i]
+        slots[ranks[i]] = i
+    if total != count * (count - 1) // 2:
         for i in range(count):
             r = 0
             for j in range(count):
@@ -814,7 +830,7 @@ def _top_ranked(codes, count, first, slots):
 
 
 @njit(**JIT)
-def _select(lpj, start, C, n_parents, rule, u, g, n, keys, out):
+def _select(lpj, start, C, n_parents, rule, u, g, n, keys, ranks, out):
     """The n_parents population members (lpj[start:start+C]) with the largest keys, largest first, ties by
     index (the order of ``argsort(−keys)``), into out: keys lpj (best), u (uniform), or log(u)/(lpj − min lpj + 1)
     (fitness: Efraimidis–Spirakis sampling without replacement ∝ lpj − min + 1, ``u`` holding log(u + 10⁻³⁰⁰)),
@@ -835,7 +851,7 @@ def _select(lpj, start, C, n_parents, rule, u, g, n, keys, out):
         else:
             key = u[g, n, i] / ((lpj[start + i] - low) + 1.0)
         keys[i] = _order_code(key)
-    _top_ranked(keys, C, n_parents, out)
+    _top_ranked(keys, C, n_parents, ranks, out)
     return n_parents
 
 
@@ -939,7 +955,7 @@ def _deduplicate(cand, first, last, prints, rep, todo, table):
 
 
 @njit(**JIT)
-def _keep_best(cand, lpj, rep, count, C0, n, codes, members, slots, new_K, new_lpj):
+def _keep_best(cand, lpj, rep, count, C0, n, codes, ranks, members, slots, new_K, new_lpj):
     """new_K[n], new_lpj[n] = the S best distinct of the count candidates (the first C0 of them the parents),
     best first, ties by index (the order of a stable sort by −log-joint), the first occurrence standing for
     its duplicates, which follow in candidate order if fewer than S are distinct. Returns how many come from
@@ -965,7 +981,7 @@ def _keep_best(cand, lpj, rep, count, C0, n, codes, members, slots, new_K, new_l
         for i in range(1, parents):
             bar = min(bar, codes[i])
     else:
-        _top_ranked(codes, parents, S, slots)
+        _top_ranked(codes, parents, S, ranks, slots)
         bar = codes[slots[S - 1]]
     ranked = parents
     for i in range(C0, count):
@@ -980,7 +996,7 @@ def _keep_best(cand, lpj, rep, count, C0, n, codes, members, slots, new_K, new_l
         for r in range(top):
             slots[r] = members[r]
     else:
-        _top_ranked(codes, ranked, top, slots)
+        _top_ranked(codes, ranked, top, ranks, slots)
         for r in range(top):
             slots[r] = members[slots[r]]
     r = top
@@ -1144,7 +1160,7 @@ def evolve_range(first, last, K, lpj_K, known, n_parents, n_children, generation
     them come from beyond the first S candidates into accepted."""
     C0, W = K.shape[1], K.shape[2]
     cand, _, lpj, units, ks, moments = buffers
-    rep, todo, prints, chosen, codes, slots, parents, crossed, table = search
+    rep, todo, prints, chosen, codes, ranks, slots, parents, crossed, table = search
     extend = (theta[0].shape[0] == 1) and (mutation == 0) and not (crossover and n_parents >= 2)
     for n in range(first, last):
         for i in range(C0):
@@ -1164,7 +1180,7 @@ def evolve_range(first, last, K, lpj_K, known, n_parents, n_children, generation
                     lpj[c] = lpj[rep[c]]
             if g == generations:
                 break
-            P = _select(lpj, start, end - start, n_parents, rule, sel_u, g, n, codes, chosen)
+            P = _select(lpj, start, end - start, n_parents, rule, sel_u, g, n, codes, ranks, chosen)
             _make_children(cand, start, chosen, P, n_children, end, H, crossover, mutation, rho, g, n, cross_step,
                            cross_u, flip_bit, flip_u, parents, crossed)
             factored = extend and _factor_parents(g, cand, start, chosen, P, n_children, rep, factored, theta[1],
@@ -1175,7 +1191,7 @@ def evolve_range(first, last, K, lpj_K, known, n_parents, n_children, generation
                 count = _score_extended(g, cand, start, end, parents_start, chosen, n_children, flip_bit, n, todo,
                                         count, lpj, theta[1], theta[5], B[n], factors)
             _score(theta, B, n, tails[n], cand, todo, count, lpj, units, ks, moments, scratch, NO, no_eliminations)
-        accepted[n] = _keep_best(cand, lpj, rep, end, C0, n, codes, chosen, slots, new_K, new_lpj)
+        accepted[n] = _keep_best(cand, lpj, rep, end, C0, n, codes, ranks, chosen, slots, new_K, new_lpj)
 
 
 # ----------------------------------------------------------------------------------------------- random numbers
@@ -1334,7 +1350,8 @@ def search(K, lpj, n_parents: int, n_children: int, generations: int, rule: int,
 
     def work(first, last):
         index = lambda size: np.empty(size, dtype=np.int64)         # noqa: E731
-        buffers = (index(C), index(C), np.empty(C, dtype=np.uint64), index(C), index(C), index(C),
+        buffers = (index(C), index(C), np.empty(C, dtype=np.uint64), index(C), index(ranked(C)), index(ranked(C)),
+                   index(C),
                    np.empty((P, W), dtype=np.uint64), np.empty((P, W), dtype=np.uint64),
                    np.empty(1 << max(6, (2 * C - 1).bit_length()), dtype=np.int64))    # _deduplicate's table
         evolve_range(first, last, K, lpj, known, n_parents, n_children, generations, rule, mutation, crossover, rho,
