@@ -564,7 +564,6 @@ def _score(theta, B, n, tail, cand, rows, count, lpj, units, ks, moments, scratc
 _LOG2E = 1.4426950408889634
 _LN2_HI, _LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10   # ln 2 = hi + lo, hi: 32 bits
 _ROUND = 6755399441055744.0             # 1.5·2⁵²: (x + _ROUND) − _ROUND rounds x to an integer
-RANK_LANES = 16                         # _top_ranked counts ranks for this many members at a time
 LANES = 32                              # _exp loops run over a multiple of this many elements (no scalar tail)
 
 
@@ -769,6 +768,9 @@ def posterior_parts(theta, B, tails, K, want, first, last, lpj, log_norm, mean_s
 
 
 # ----------------------------------------------------------------------------------------------- evolution
+RANK_LANES = 16                         # _top_ranked counts ranks for this many members at a time
+
+
 @njit(**INLINE)
 def _order_code(x):
     """An int64 whose order is the order of the float x: its bits, with the magnitude bits of negative numbers
@@ -964,11 +966,10 @@ def _keep_best(cand, lpj, rep, count, C0, n, codes, ranks, members, slots, new_K
     no child enters and the parents are in order already (as in most frozen-Θ steps)."""
     S = new_K.shape[1]
     parents = 0
-    for i in range(C0):
-        if rep[i] == i:
-            codes[parents] = _order_code(lpj[i])
-            members[parents] = i
-            parents += 1
+    for i in range(C0):                               # (branch-free: a slot is written, kept if distinct)
+        codes[parents] = _order_code(lpj[i])
+        members[parents] = i
+        parents += rep[i] == i
     in_order = True
     for i in range(1, parents):
         in_order &= codes[i - 1] >= codes[i]
@@ -984,13 +985,11 @@ def _keep_best(cand, lpj, rep, count, C0, n, codes, ranks, members, slots, new_K
         _top_ranked(codes, parents, S, ranks, slots)
         bar = codes[slots[S - 1]]
     ranked = parents
-    for i in range(C0, count):
-        if rep[i] == i:
-            code = _order_code(lpj[i])
-            if code > bar:
-                codes[ranked] = code
-                members[ranked] = i
-                ranked += 1
+    for i in range(C0, count):                        # (branch-free as above)
+        code = _order_code(lpj[i])
+        codes[ranked] = code
+        members[ranked] = i
+        ranked += (rep[i] == i) & (code > bar)
     top = min(S, ranked)
     if in_order and ranked == parents:
         for r in range(top):
