@@ -34,3 +34,38 @@ def test_keys_change_the_stream_and_values_are_uniform():
     # successive calls give fresh numbers
     r = PatchRandom(0, 0, 0, ids[:10])
     assert not np.array_equal(r.random((10, 3)), r.random((10, 3)))
+
+
+def test_splitmix64_reference_and_the_documented_streams():
+    """_mix on Python ints and on uint64 arrays is SplitMix64's output function (the reference generator's
+    sequence for seed 1234567), and a patch's numbers are the documented counter construction: patch n's
+    stream s_n = mix(n·γ + hash(seed, stage, epoch)), element j ≥ 1 of call c: mix(s_n + hash(key, c) + j·γ)
+    with hash(w₁ … w_m) = h_m, h_i = mix(h_{i−1} + w_i + γ), h₀ = 0 (what checkpoints of earlier versions
+    resume with)."""
+    from hpc_zsem import randomness
+
+    bits = (1 << 64) - 1
+    state, sequence = 1234567, []
+    for _ in range(5):
+        state = (state + randomness._GAMMA) & bits
+        sequence.append(randomness._mix(state))
+    assert sequence == [6457827717110365317, 3203168211198807973, 9817491932198370423, 4593380528125082431,
+                        16408922859458223821]
+    states = np.array([1234567 + randomness._GAMMA, 2**64 - 1, 0], dtype=np.uint64)
+    assert randomness._mix(states).dtype == np.uint64
+    assert randomness._mix(states).tolist() == [randomness._mix(int(s)) for s in states]
+
+    def hashed(*words):
+        h = 0
+        for w in words:
+            h = randomness._mix((h + w + randomness._GAMMA) & bits)
+        return h
+
+    ids = [0, 5, 2**40]
+    r = PatchRandom(3, 1, 7, np.array(ids))
+    u = r.random((3, 4))
+    for row, n in enumerate(ids):
+        stream = randomness._mix((n * randomness._GAMMA + hashed(3, 1, 7)) & bits)
+        for j in range(4):
+            x = randomness._mix((stream + hashed(3, 1, 7, 1) + (j + 1) * randomness._GAMMA) & bits)
+            assert u[row, j] == (x >> 11) * 2.0**-53
