@@ -11,18 +11,21 @@ from hpc_zsem.variational.evolution import EvolutionSettings, draw, evolve
 from hpc_zsem.variational.states import pack, unpack
 
 
-@njit
 def select_rows(lpj, n_parents, rule, u):
     """kernel._select for every row of lpj (N, C) with uniforms u (N, C) (as ``draw`` gives them: log(u + 10⁻³⁰⁰)
     for fitness selection)."""
+    return _select_rows(lpj, n_parents, rule, u, kernel.ranking_buffers(lpj.shape[1]))
+
+
+@njit
+def _select_rows(lpj, n_parents, rule, u, ranking):
     N, C = lpj.shape
     out = np.empty((N, min(n_parents, C)), dtype=np.int64)
-    keys, ranks = np.empty(C + kernel.RANK_LANES, dtype=np.int64), np.empty(C + kernel.RANK_LANES, dtype=np.int64)
     chosen = np.empty(max(n_parents, C), dtype=np.int64)
     flat = lpj.ravel()
     drawn = np.log(u + 1e-300) if rule == 0 else u
     for n in range(N):
-        count = kernel._select(flat, n * C, C, n_parents, rule, drawn.reshape(1, N, C), 0, n, keys, ranks, chosen)
+        count = kernel._select(flat, n * C, C, n_parents, rule, drawn.reshape(1, N, C), 0, n, ranking, chosen)
         out[n] = chosen[:count]
     return out
 

@@ -228,26 +228,29 @@ def test_counter_numbers_are_those_of_patch_random():
 
 
 @njit
-def _ranked(keys, first, size):
-    codes, ranks, slots = np.empty(size, dtype=np.int64), np.empty(size, dtype=np.int64), np.full(keys.size, -1)
+def _ranked(keys, first, buffers):
+    slots = np.full(keys.size, -1)
     for i in range(keys.size):
-        codes[i] = kernel._order_code(keys[i])
-    kernel._top_ranked(codes, keys.size, first, ranks, slots)
+        buffers[0][i] = kernel._order_code(keys[i])
+    kernel._top_ranked(buffers, keys.size, first, slots)
     return slots[:first]
 
 
 def test_rank_counting_gives_the_stable_order_with_ties_and_nan():
     """_top_ranked = the first entries of a stable argsort by decreasing key (ties by index; −0.0 = +0.0;
-    NaN counts as −∞), whether or not ties force its second pass."""
+    NaN counts as −∞), whether the codes' upper halves order them, or only the whole codes (keys a few ulp apart),
+    or ties force its last pass."""
     rng = np.random.default_rng(11)
-    for trial in range(300):
+    for trial in range(450):
         C = int(rng.integers(1, 90))
         keys = rng.normal(size=C)
-        if trial % 2:                                           # ties, signed zeros, infinities, NaN
+        if trial % 3 == 1:                                      # ties, signed zeros, infinities, NaN
             keys = rng.choice([-np.inf, -1.5, -0.0, 0.0, 2.0, np.inf, np.nan], size=C)
+        if trial % 3 == 2:                                      # distinct, but equal in their upper 32 bits
+            keys = rng.choice([-3.0, 1.0, 250.0], size=C) * (1.0 + rng.permutation(C) * 2.0**-52)
         first = int(rng.integers(1, C + 1))
         expected = np.argsort(-np.where(np.isnan(keys), -np.inf, keys) + 0.0, kind="stable")[:first]
-        np.testing.assert_array_equal(_ranked(keys, first, kernel.ranked(C)), expected)
+        np.testing.assert_array_equal(_ranked(keys, first, kernel.ranking_buffers(C)), expected)
 
 
 def test_keep_best_with_tied_log_joints_equals_the_numpy_order():
@@ -268,9 +271,9 @@ def test_keep_best_with_tied_log_joints_equals_the_numpy_order():
             cand[:C0], lpj[:C0] = cand[:C0][order], lpj[:C0][order]
             rep = first_occurrence(cand[None])[0]
         new_K, new_lpj = np.empty((1, S, 1), dtype=np.uint64), np.empty((1, S))
-        index = lambda size=C: np.empty(size, dtype=np.int64)                   # noqa: E731
-        accepted = kernel._keep_best(cand, lpj, rep, C, C0, 0, index(kernel.ranked(C)), index(kernel.ranked(C)),
-                                     index(), index(), new_K, new_lpj)
+        index = lambda: np.empty(C, dtype=np.int64)                             # noqa: E731
+        accepted = kernel._keep_best(cand, lpj, rep, C, C0, 0, kernel.ranking_buffers(C), index(), index(), new_K,
+                                     new_lpj)
         order, expected_accepted = best_distinct(cand[None], lpj[None], S)
         np.testing.assert_array_equal(new_K[0, :, 0], cand[order[0], 0])
         np.testing.assert_array_equal(new_lpj[0], lpj[order[0]])

@@ -768,7 +768,7 @@ def posterior_parts(theta, B, tails, K, want, first, last, lpj, log_norm, mean_s
 
 
 # ----------------------------------------------------------------------------------------------- evolution
-RANK_LANES = 16                         # _top_ranked counts ranks for this many members at a time
+RANK_BITS = 1024     # _count_above compares 1024 bits of codes at a time: 16 int64 or 32 int32 codes
 
 
 @njit(**INLINE)
@@ -781,67 +781,95 @@ def _order_code(x):
 
 @intrinsic
 def _count_above(typingctx, codes, count, b, ranks):
-    """ranks[b + l] = #{j < count : codes[j] > codes[b + l]} for the 8 lanes l < 8 at once: the lanes as one
-    vector, compared with each codes[j] in turn (codes and ranks hold ≥ b + 8 entries)."""
+    """ranks[b + l] = #{j < count : codes[j] > codes[b + l]} for the L = RANK_BITS / (bits of a code) lanes l < L
+    at once: the lanes as one vector, compared with each codes[j] in turn (codes, int32 or int64, and ranks, int64,
+    hold ≥ b + L entries)."""
+    width = codes.dtype.bitwidth
+    lanes = RANK_BITS // width
+
     def codegen(context, builder, signature, args):
         codes_array = context.make_array(signature.args[0])(context, builder, args[0])
         ranks_array = context.make_array(signature.args[3])(context, builder, args[3])
-        vector = ir.VectorType(ir.IntType(64), RANK_LANES)
-        lanes = builder.load(builder.bitcast(builder.gep(codes_array.data, [args[2]]), vector.as_pointer()), align=8)
+        vector = ir.VectorType(ir.IntType(width), lanes)
+        lane_codes = builder.load(builder.bitcast(builder.gep(codes_array.data, [args[2]]), vector.as_pointer()),
+                                  align=width // 8)
         total = cgutils.alloca_once_value(builder, ir.Constant(vector, None))
         with cgutils.for_range(builder, args[1]) as loop:
             x = builder.load(builder.gep(codes_array.data, [loop.index]))
             spread = builder.shuffle_vector(builder.insert_element(ir.Constant(vector, ir.Undefined), x,
                                                                    ir.Constant(ir.IntType(32), 0)),
                                             ir.Constant(vector, ir.Undefined),
-                                            ir.Constant(ir.VectorType(ir.IntType(32), RANK_LANES), None))
-            above = builder.zext(builder.icmp_signed(">", spread, lanes), vector)
+                                            ir.Constant(ir.VectorType(ir.IntType(32), lanes), None))
+            above = builder.zext(builder.icmp_signed(">", spread, lane_codes), vector)
             builder.store(builder.add(builder.load(total), above), total)
-        builder.store(builder.load(total), builder.bitcast(builder.gep(ranks_array.data, [args[2]]),
-                                                           vector.as_pointer()), align=8)
+        counts = builder.sext(builder.load(total), ir.VectorType(ir.IntType(64), lanes))
+        builder.store(counts, builder.bitcast(builder.gep(ranks_array.data, [args[2]]), counts.type.as_pointer()),
+                      align=8)
         return context.get_dummy_value()
     return types.void(codes, count, b, ranks), codegen
 
 
 def ranked(count: int) -> int:
-    """The size of ``_top_ranked``'s codes and ranks for count members: count rounded up to RANK_LANES."""
-    return -(-count // RANK_LANES) * RANK_LANES
+    """The size of ``_top_ranked``'s buffers for count members: count rounded up to RANK_BITS / 32."""
+    return -(-count // (RANK_BITS // 32)) * (RANK_BITS // 32)
 
 
-@njit(**JIT)
-def _top_ranked(codes, count, first, ranks, slots):
-    """slots[r] = i for the members i < count whose rank r is below ``first``, the rank being the position in
-    the order of decreasing codes[:count], ties by index (the order of a stable ``argsort(−codes)``); slots[first:
-    count] are overwritten too. ``codes`` and ``ranks`` hold count rounded up to a multiple of RANK_LANES.
-    For RANK_LANES members at a time (one vector) it counts r_i = #{j : codes_j > codes_i}; Σ_i r_i =
+def ranking_buffers(count: int) -> tuple:
+    """``_top_ranked``'s buffers for up to count members: codes (int64), their upper halves (int32), ranks."""
+    size = ranked(count)
+    return np.empty(size, dtype=np.int64), np.empty(size, dtype=np.int32), np.empty(size, dtype=np.int64)
+
+
+@njit(**INLINE)
+def _counted_ranks(codes, count, ranks, slots):
+    """r_i = #{j < count : codes_j > codes_i} (``_count_above``) and slots[r_i] = i for every member i; Σ_i r_i =
     count(count−1)/2 − #(tied pairs), so when the sum is count(count−1)/2 there are no ties and the r_i are the
-    ranks; otherwise (rare) a second pass adds #{j < i : codes_j = codes_i}."""
-    for b in range(0, count, RANK_LANES):
+    ranks. Returns whether there were ties."""
+    lanes = RANK_BITS // (8 * codes.itemsize)
+    for b in range(0, count, lanes):
         _count_above(codes, count, b, ranks)
     total = 0
     for i in range(count):
         total += ranks[i]
         slots[ranks[i]] = i
-    if total != count * (count - 1) // 2:
-        for i in range(count):
-            r = 0
-            for j in range(count):
-                r += (codes[j] > codes[i]) | ((codes[j] == codes[i]) & (j < i))
-            if r < first:
-                slots[r] = i
+    return total != count * (count - 1) // 2
 
 
 @njit(**JIT)
-def _select(lpj, start, C, n_parents, rule, u, g, n, keys, ranks, out):
+def _top_ranked(buffers, count, first, slots):
+    """slots[r] = i for the members i < count whose rank r is below ``first``, the rank being the position in
+    the order of decreasing codes[:count] (buffers[0]; buffers from ``ranking_buffers``), ties by index (the order
+    of a stable ``argsort(−codes)``); slots[first:count] are overwritten too. The ranks are counted on the codes'
+    upper 32 bits, twice as many at a time (``_counted_ranks``): without ties there they order the codes; with
+    (rare: two codes within ≈ 10⁻⁶ relative) on the whole codes, and with ties there too a last pass adds
+    #{j < i : codes_j = codes_i}."""
+    codes, upper, ranks = buffers
+    for i in range(count):
+        upper[i] = np.int32(codes[i] >> 32)
+    if not _counted_ranks(upper, count, ranks, slots):
+        return
+    if not _counted_ranks(codes, count, ranks, slots):
+        return
+    for i in range(count):
+        r = 0
+        for j in range(count):
+            r += (codes[j] > codes[i]) | ((codes[j] == codes[i]) & (j < i))
+        if r < first:
+            slots[r] = i
+
+
+@njit(**JIT)
+def _select(lpj, start, C, n_parents, rule, u, g, n, ranking, out):
     """The n_parents population members (lpj[start:start+C]) with the largest keys, largest first, ties by
     index (the order of ``argsort(−keys)``), into out: keys lpj (best), u (uniform), or log(u)/(lpj − min lpj + 1)
     (fitness: Efraimidis–Spirakis sampling without replacement ∝ lpj − min + 1, ``u`` holding log(u + 10⁻³⁰⁰)),
-    with u = u[g, n]; all members in order if n_parents ≥ C. ``keys`` (≥ C) is scratch for the keys' order
-    codes. Returns the number selected."""
+    with u = u[g, n]; all members in order if n_parents ≥ C. ``ranking``: ``_top_ranked``'s buffers (≥ C
+    members). Returns the number selected."""
     if n_parents >= C:
         for i in range(C):
             out[i] = i
         return C
+    keys = ranking[0]
     low = np.inf
     for i in range(C):
         low = min(low, lpj[start + i])
@@ -853,7 +881,7 @@ def _select(lpj, start, C, n_parents, rule, u, g, n, keys, ranks, out):
         else:
             key = u[g, n, i] / ((lpj[start + i] - low) + 1.0)
         keys[i] = _order_code(key)
-    _top_ranked(keys, C, n_parents, ranks, out)
+    _top_ranked(ranking, C, n_parents, out)
     return n_parents
 
 
@@ -957,7 +985,7 @@ def _deduplicate(cand, first, last, prints, rep, todo, table):
 
 
 @njit(**JIT)
-def _keep_best(cand, lpj, rep, count, C0, n, codes, ranks, members, slots, new_K, new_lpj):
+def _keep_best(cand, lpj, rep, count, C0, n, ranking, members, slots, new_K, new_lpj):
     """new_K[n], new_lpj[n] = the S best distinct of the count candidates (the first C0 of them the parents),
     best first, ties by index (the order of a stable sort by −log-joint), the first occurrence standing for
     its duplicates, which follow in candidate order if fewer than S are distinct. Returns how many come from
@@ -965,6 +993,7 @@ def _keep_best(cand, lpj, rep, count, C0, n, codes, ranks, members, slots, new_K
     distinct parents and these entrants, in candidate order, are ranked (``_top_ranked``) — not at all when
     no child enters and the parents are in order already (as in most frozen-Θ steps)."""
     S = new_K.shape[1]
+    codes = ranking[0]
     parents = 0
     for i in range(C0):                               # (branch-free: a slot is written, kept if distinct)
         codes[parents] = _order_code(lpj[i])
@@ -982,7 +1011,7 @@ def _keep_best(cand, lpj, rep, count, C0, n, codes, ranks, members, slots, new_K
         for i in range(1, parents):
             bar = min(bar, codes[i])
     else:
-        _top_ranked(codes, parents, S, ranks, slots)
+        _top_ranked(ranking, parents, S, slots)
         bar = codes[slots[S - 1]]
     ranked = parents
     for i in range(C0, count):                        # (branch-free as above)
@@ -995,7 +1024,7 @@ def _keep_best(cand, lpj, rep, count, C0, n, codes, ranks, members, slots, new_K
         for r in range(top):
             slots[r] = members[r]
     else:
-        _top_ranked(codes, ranked, top, ranks, slots)
+        _top_ranked(ranking, ranked, top, slots)
         for r in range(top):
             slots[r] = members[slots[r]]
     r = top
@@ -1159,7 +1188,7 @@ def evolve_range(first, last, K, lpj_K, known, n_parents, n_children, generation
     them come from beyond the first S candidates into accepted."""
     C0, W = K.shape[1], K.shape[2]
     cand, _, lpj, units, ks, moments = buffers
-    rep, todo, prints, chosen, codes, ranks, slots, parents, crossed, table = search
+    rep, todo, prints, chosen, ranking, slots, parents, crossed, table = search
     extend = (theta[0].shape[0] == 1) and (mutation == 0) and not (crossover and n_parents >= 2)
     for n in range(first, last):
         for i in range(C0):
@@ -1179,7 +1208,7 @@ def evolve_range(first, last, K, lpj_K, known, n_parents, n_children, generation
                     lpj[c] = lpj[rep[c]]
             if g == generations:
                 break
-            P = _select(lpj, start, end - start, n_parents, rule, sel_u, g, n, codes, ranks, chosen)
+            P = _select(lpj, start, end - start, n_parents, rule, sel_u, g, n, ranking, chosen)
             _make_children(cand, start, chosen, P, n_children, end, H, crossover, mutation, rho, g, n, cross_step,
                            cross_u, flip_bit, flip_u, parents, crossed)
             factored = extend and _factor_parents(g, cand, start, chosen, P, n_children, rep, factored, theta[1],
@@ -1190,7 +1219,7 @@ def evolve_range(first, last, K, lpj_K, known, n_parents, n_children, generation
                 count = _score_extended(g, cand, start, end, parents_start, chosen, n_children, flip_bit, n, todo,
                                         count, lpj, theta[1], theta[5], B[n], factors)
             _score(theta, B, n, tails[n], cand, todo, count, lpj, units, ks, moments, scratch, NO, no_eliminations)
-        accepted[n] = _keep_best(cand, lpj, rep, end, C0, n, codes, ranks, chosen, slots, new_K, new_lpj)
+        accepted[n] = _keep_best(cand, lpj, rep, end, C0, n, ranking, chosen, slots, new_K, new_lpj)
 
 
 # ----------------------------------------------------------------------------------------------- random numbers
@@ -1349,8 +1378,7 @@ def search(K, lpj, n_parents: int, n_children: int, generations: int, rule: int,
 
     def work(first, last):
         index = lambda size: np.empty(size, dtype=np.int64)         # noqa: E731
-        buffers = (index(C), index(C), np.empty(C, dtype=np.uint64), index(C), index(ranked(C)), index(ranked(C)),
-                   index(C),
+        buffers = (index(C), index(C), np.empty(C, dtype=np.uint64), index(C), ranking_buffers(C), index(C),
                    np.empty((P, W), dtype=np.uint64), np.empty((P, W), dtype=np.uint64),
                    np.empty(1 << max(6, (2 * C - 1).bit_length()), dtype=np.int64))    # _deduplicate's table
         evolve_range(first, last, K, lpj, known, n_parents, n_children, generations, rule, mutation, crossover, rho,
