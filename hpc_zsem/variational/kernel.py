@@ -809,14 +809,10 @@ def _count_above(typingctx, codes, count, b, ranks):
     return types.void(codes, count, b, ranks), codegen
 
 
-def ranked(count: int) -> int:
-    """The size of ``_top_ranked``'s buffers for count members: count rounded up to RANK_BITS / 32."""
-    return -(-count // (RANK_BITS // 32)) * (RANK_BITS // 32)
-
-
 def ranking_buffers(count: int) -> tuple:
-    """``_top_ranked``'s buffers for up to count members: codes (int64), their upper halves (int32), ranks."""
-    size = ranked(count)
+    """``_top_ranked``'s buffers for up to count members: codes (int64), their upper halves (int32), ranks (int64),
+    each count rounded up to whole 1024-bit vectors of int32 (``_count_above`` reads and writes whole vectors)."""
+    size = -(-count // (RANK_BITS // 32)) * (RANK_BITS // 32)
     return np.empty(size, dtype=np.int64), np.empty(size, dtype=np.int32), np.empty(size, dtype=np.int64)
 
 
