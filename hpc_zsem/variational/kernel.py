@@ -322,7 +322,7 @@ def _border(G_scaled, unit, pairs, t, A, k, U, S):
 
 
 @njit(**INLINE)
-def _bordered_pair(G_scaled, unit, pairs, b, A, k, moments, row, U, S, keep):
+def _bordered_pair(G_scaled, unit, pairs, b, A, k, pair, moments, row, U, S, keep):
     """``_bordered`` for k = 3 or 4 (with a diagonal Ψ the commonest k > 2 states) in closed form: S = M_Q −
     G_QP U is a number (k = 3) or 2×2 (k = 4), so log det S, S⁻¹ t and the conditioning checks of ``_border`` are
     written out (straight-line code: the loops of the general form cost 10–20 % more on such states). With
@@ -337,7 +337,7 @@ def _bordered_pair(G_scaled, unit, pairs, b, A, k, moments, row, U, S, keep):
     s00 = unit[q0, 4] - (g00 * u00 + g10 * u10)
     if not s00 > WELL_CONDITIONED * unit[q0, 4]:
         return np.nan
-    m0, m1, value = _pair_form(pairs, t, b[p0], b[p1])
+    m0, m1, value = pair
     t0 = unit[q0, 1] + b[q0] - (g00 * m0 + g10 * m1)
     value += unit[q0, 5]
     if keep:
@@ -366,9 +366,10 @@ def _bordered_pair(G_scaled, unit, pairs, b, A, k, moments, row, U, S, keep):
 
 
 @njit(**INLINE)
-def _bordered(G_scaled, unit, pairs, b, A, k, U, S, moments, row, means):
+def _bordered(G_scaled, unit, pairs, b, A, k, pair, U, S, moments, row, means):
     """const_A + ½ rᵀm for one patch (b = Wᵀy/σ²) and a state with k ≥ 3 active units A[:k] and a diagonal Ψ,
-    from its pair's table row and ``_border`` (r = c + b, m⁰_P = M_P⁻¹ r_P from the row):
+    from its pair's table row and ``_border`` (r = c + b; ``pair``: (m⁰_P, const_P + ½ r_Pᵀ m⁰_P) as ``_pair_form``
+    gives them for P = {A₀, A₁}, m⁰_P = M_P⁻¹ r_P):
         t = r_Q − G_QP m⁰_P,   m_Q = S⁻¹ t,   m_P = m⁰_P − U m_Q,   rᵀ M_A⁻¹ r = r_Pᵀ m⁰_P + tᵀ S⁻¹ t,
         const_A = const_P + Σ_{h∈Q} (log-odds_h − ½ log ψ_h − ½ μ_h²/ψ_h) − ½ log det S.
     With ``means`` m = (m_P, m_Q) goes to moments[:k, row] (else rows 2 … k−1 are scratch). NaN as ``_border``."""
@@ -376,7 +377,7 @@ def _bordered(G_scaled, unit, pairs, b, A, k, U, S, moments, row, means):
     log_det = _border(G_scaled, unit, pairs, t, A, k, U, S)
     if not np.isfinite(log_det):
         return np.nan
-    m0, m1, value = _pair_form(pairs, t, b[A[0]], b[A[1]])
+    m0, m1, value = pair
     q = k - 2
     for j in range(q):
         h = A[2 + j]
@@ -509,11 +510,11 @@ def _score(theta, B, n, tail, cand, rows, count, lpj, units, ks, moments, scratc
     """For the candidates c = rows[:count] of patch n: lpj[c] = log p(y_n, cand[c]) = const_A + ½ rᵀm + tail
     with r = c_A + b_A, m = M_A⁻¹ r (b = B[n] = Wᵀy_n/σ²); also ks[c] = k, units[:k, c] = A (for k ≤ 2:
     units[:2, c] = (h, l) as in ``_first_two``) and, with ``means``, moments[:k, c] = m (k ≤ 2: moments[:2, c],
-    zeros for absent units). States with k ≤ 2 take one branch-free closed form on the ``pairs`` table, with
-    k > 2 and a diagonal Ψ their pair's table row bordered by the other units (``_bordered_pair`` for k = 3, 4,
-    else ``_bordered``), others an L D Lᵀ factorisation (``_solve_state``). Where ``kept`` has room, the
-    bordered forms' elimination of state c (U, S = L D Lᵀ) is kept in kept[0][c], kept[1][c] for
-    ``_accumulate``, and kept[2][c] says whether it was."""
+    zeros for absent units). One branch-free pass gives every state the closed form of its first two units on
+    the ``pairs`` table (``_pair_form``): the result for k ≤ 2; with k > 2 and a diagonal Ψ that pair is then
+    bordered by the other units (``_bordered_pair`` for k = 3, 4, else ``_bordered``), others take an L D Lᵀ
+    factorisation (``_solve_state``). Where ``kept`` has room, the bordered forms' elimination of state c (U,
+    S = L D Lᵀ) is kept in kept[0][c], kept[1][c] for ``_accumulate``, and kept[2][c] says whether it was."""
     psi, G_scaled, mu, log_odds, scalars, unit, pairs = theta
     A, work, tmp, _, cvec = scratch
     U_kept, S_kept, is_kept = kept
@@ -522,20 +523,24 @@ def _score(theta, B, n, tail, cand, rows, count, lpj, units, ks, moments, scratc
     empty = H * (H + 1) // 2
     diagonal = psi.shape[0] == 1
     b = B[n]
-    for i in range(count):          # k ≤ 2 first: a small loop for the commonest states
-        c = rows[i]
-        k, h, l = _first_two(cand, c)
+    for i in range(count):          # every state's k and first two units, then the k ≤ 2 form for all of them:
+        c = rows[i]                 # branch-free, the table rows' loads overlap (at H = 256 the table is not
+        k, h, l = _first_two(cand, c)   # in L2: 12–16 % faster there than one loop with a branch on k)
         ks[c] = k
-        if k <= 2:
-            m0, m1, value = _pair_form(pairs, _pair_row(h, l, H) if k > 0 else empty, b[h], b[l])
-            units[0, c], units[1, c] = h, l
-            moments[0, c], moments[1, c] = m0, m1
-            lpj[c] = value + tail
+        units[0, c], units[1, c] = h, l
+    for i in range(count):
+        c = rows[i]
+        h, l = units[0, c], units[1, c]
+        m0, m1, value = _pair_form(pairs, _pair_row(h, l, H) if ks[c] > 0 else empty, b[h], b[l])
+        moments[0, c], moments[1, c] = m0, m1
+        lpj[c] = value
     for i in range(count):          # then k > 2 (apart: 15 % faster on dense sets than one loop with both)
         c = rows[i]
         k = ks[c]
         if k <= 2:
+            lpj[c] += tail
             continue
+        pair = moments[0, c], moments[1, c], lpj[c]     # the form of its first two units, bordered below
         _active_units(cand, c, units)
         for j in range(k):
             A[j] = units[j, c]
@@ -543,9 +548,9 @@ def _score(theta, B, n, tail, cand, rows, count, lpj, units, ks, moments, scratc
         q = k - 2
         here = keep and q <= KEPT_MAX
         if diagonal & (k <= 4):
-            value = _bordered_pair(G_scaled, unit, pairs, b, A, k, moments, c, tmp, work, here)
+            value = _bordered_pair(G_scaled, unit, pairs, b, A, k, pair, moments, c, tmp, work, here)
         elif diagonal:
-            value = _bordered(G_scaled, unit, pairs, b, A, k, tmp, work, moments, c, means)
+            value = _bordered(G_scaled, unit, pairs, b, A, k, pair, tmp, work, moments, c, means)
         if keep:
             is_kept[c] = here and np.isfinite(value)
             if is_kept[c]:              # a copy (choosing the buffers here instead costs 2 s of compile time)
