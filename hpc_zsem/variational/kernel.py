@@ -926,19 +926,19 @@ def _mutate_sparse(cand, row, H, rho, u, g, n, j, one_flip):
 def _make_children(cand, start, chosen, P, n_children, end, H, crossover, mutation, rho, g, n, cross_step, cross_u,
                    flip_bit, flip_u, parents, crossed):
     """Children of the chosen parents cand[start + chosen[:P]] into cand[end:end + P·n_children]: optional
-    uniform crossover, then per child one uniform bit flip (mutation 0) or the sparse mutation (1)."""
+    uniform crossover (on copies of the parents in ``parents``, into ``crossed``), then per child one uniform bit
+    flip (mutation 0) or the sparse mutation (1)."""
     W = cand.shape[1]
-    for i in range(P):
-        for w in range(W):
-            parents[i, w] = cand[start + chosen[i], w]
-    if crossover and P >= 2:
-        _crossover(parents, P, H, cross_step, cross_u, g, n, crossed)
+    crossing = crossover and P >= 2
+    if crossing:
         for i in range(P):
             for w in range(W):
-                parents[i, w] = crossed[i, w]
+                parents[i, w] = cand[start + chosen[i], w]
+        _crossover(parents, P, H, cross_step, cross_u, g, n, crossed)
     for j in range(P * n_children):
+        i = j // n_children
         for w in range(W):
-            cand[end + j, w] = parents[j // n_children, w]
+            cand[end + j, w] = crossed[i, w] if crossing else cand[start + chosen[i], w]
         if mutation == 0:
             _flip(cand, end + j, flip_bit[g, n, j])
         else:
@@ -1038,9 +1038,15 @@ def _keep_best(cand, lpj, rep, count, C0, n, ranking, members, slots, new_K, new
     for r in range(S):
         c = slots[r]
         accepted += c >= S
-        for w in range(cand.shape[1]):
-            new_K[n, r, w] = cand[c, w]
         new_lpj[n, r] = lpj[c]
+    W = cand.shape[1]
+    if W == 1:                                        # (H ≤ 64: a loop of rows of one word costs 2× more)
+        for r in range(S):
+            new_K[n, r, 0] = cand[slots[r], 0]
+    else:
+        for r in range(S):
+            for w in range(W):
+                new_K[n, r, w] = cand[slots[r], w]
     return accepted
 
 
