@@ -1040,7 +1040,7 @@ def _keep_best(cand, lpj, rep, count, C0, n, ranking, members, slots, new_K, new
         accepted += c >= S
         new_lpj[n, r] = lpj[c]
     W = cand.shape[1]
-    if W == 1:                                        # (H ≤ 64: a loop of rows of one word costs 2× more)
+    if W == 1:                                        # (H ≤ 64: one flat gather, cheaper than rows of one word)
         for r in range(S):
             new_K[n, r, 0] = cand[slots[r], 0]
     else:
