@@ -533,7 +533,7 @@ def _score(theta, B, n, tail, cand, rows, count, lpj, units, ks, moments, scratc
         h, l = units[0, c], units[1, c]
         m0, m1, value = _pair_form(pairs, _pair_row(h, l, H) if ks[c] > 0 else empty, b[h], b[l])
         moments[0, c], moments[1, c] = m0, m1
-        lpj[c] = value
+        lpj[c] = value              # (the tail is added below: a k > 2 state borders this pair form first)
     for i in range(count):          # then k > 2 (apart: 15 % faster on dense sets than one loop with both)
         c = rows[i]
         k = ks[c]
@@ -1039,14 +1039,9 @@ def _keep_best(cand, lpj, rep, count, C0, n, ranking, members, slots, new_K, new
         c = slots[r]
         accepted += c >= S
         new_lpj[n, r] = lpj[c]
-    W = cand.shape[1]
-    if W == 1:                                        # (H ≤ 64: one flat gather, cheaper than rows of one word)
-        for r in range(S):
-            new_K[n, r, 0] = cand[slots[r], 0]
-    else:
-        for r in range(S):
-            for w in range(W):
-                new_K[n, r, w] = cand[slots[r], w]
+    for r in range(S):
+        for w in range(cand.shape[1]):
+            new_K[n, r, w] = cand[slots[r], w]
     return accepted
 
 
