@@ -172,8 +172,7 @@ class SSSC:
         stats = {"S_s": sums[0], "S_sz": sums[1], "S_szsz": pair_sums[0]}
         if self.full_psi:
             stats["S_ss"], stats["T"] = pair_sums[1], pair_sums[2]
-        stats["S_ysz"] = S_ysz = np.empty((Y.shape[1], self.H))
-        run_parts(lambda a, b: np.matmul(Y[:, a:b].T, mean_sz, out=S_ysz[a:b]), Y.shape[1])   # by pixel rows
+        stats["S_ysz"] = Y.T @ mean_sz       # one BLAS call, also when the block's kernels are split among threads
         stats["yy"] = np.array(np.einsum("nd,nd->", Y, Y))
         stats["free_energy"] = np.array(log_norm.sum())
         stats["N"] = np.array(float(Y.shape[0]))
