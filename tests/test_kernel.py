@@ -313,16 +313,16 @@ def test_vectorised_exp_is_within_one_ulp_of_numpy():
 def _decoded(words, firsts, others):
     for c in range(words.shape[0]):
         firsts[c] = kernel._first_two(words, c)
-        k = firsts[c, 0]
-        if (words.shape[1] == 1) & (3 <= k <= 4):
-            kernel._third_fourth(words[c, 0], k, others, c)
+        if firsts[c, 0] >= 3:
+            kernel._active_units(words, c, firsts[c, 0], others)
 
 
 @pytest.mark.parametrize("H", [8, 64, 130, 256])
 def test_first_units_of_packed_states_equal_their_bits(H):
     """``_first_two`` (k and the first two active units; one word written out, else the loop over the words) and
-    ``_third_fourth`` (units 3 and 4 of one-word states) against the unpacked bits, for states with 0 … 6 active
-    units anywhere in the words, the highest bits and word boundaries included."""
+    ``_active_units`` (all units of a state with k ≥ 3; one word with k ≤ 4 by clearing bits, else the loop) against
+    the unpacked bits, for states with 0 … 6 active units anywhere in the words, the highest bits and word
+    boundaries included."""
     rng = np.random.default_rng(H)
     W = -(-H // 64)
     bits = np.zeros((3000, W * 64), dtype=bool)
@@ -331,15 +331,15 @@ def test_first_units_of_packed_states_equal_their_bits(H):
         pool = [0, 63, H - 1, H - 2] + ([64, 127] if H > 128 else []) if c % 3 == 0 else range(H)
         bits[c, rng.choice(np.array(pool), min(k, len(pool)), replace=False)] = True
     words = np.packbits(bits.reshape(-1, W, 8, 8)[..., ::-1], axis=-1).reshape(-1, W, 8).view("<u8")[..., 0]
-    firsts, others = np.zeros((bits.shape[0], 3), dtype=np.int64), np.full((4, bits.shape[0]), -1)
+    firsts, others = np.zeros((bits.shape[0], 3), dtype=np.int64), np.full((6, bits.shape[0]), -1)
     _decoded(np.ascontiguousarray(words), firsts, others)
     for c in range(bits.shape[0]):
         units = np.flatnonzero(bits[c])
         k = units.size
         first, second = (units[0], units[min(1, k - 1)]) if k else (0, 0)
         assert tuple(firsts[c]) == (k, first, second)
-        if W == 1 and 3 <= k <= 4:
-            assert list(others[2:k, c]) == list(units[2:k])
+        if k >= 3:
+            assert list(others[:k, c]) == list(units)
 
 
 @pytest.mark.parametrize("H, pi", [(20, 0.3), (70, 0.1)])
