@@ -145,3 +145,20 @@ def test_evolve_never_makes_a_truncated_set_worse(settings, found):
     target = unpack(pack(Y > 1.5), H)
     best = unpack(K[:, 0], H)
     assert np.mean((best == target).all(axis=1)) > found                    # the target state is found
+
+
+def test_evolve_without_log_joints_keeps_the_same_sets():
+    """A training E-step discards the new sets' log-joints (want_lpj=False): the search must then keep exactly
+    the sets (and count the same accepted states) that it keeps when it writes them."""
+    H, N = 70, 300                                        # two-word states
+    settings = EvolutionSettings(S=6, parents=3, children=2, generations=2)
+    Y, params = hamming_world(N, H, 8)
+    model = SSSC(H, settings)
+    scorer = model._scorer(Y, params)
+    K = pack(np.broadcast_to(np.eye(H, dtype=bool)[:settings.S], (N, settings.S, H)))
+    lpj = kernel.posterior(*scorer, K, 0)[0]
+    with_lpj = evolve(K, lpj, H, settings, 3.0, scorer, np.random.default_rng(9))
+    without = evolve(K, lpj, H, settings, 3.0, scorer, np.random.default_rng(9), want_lpj=False)
+    np.testing.assert_array_equal(without[0], with_lpj[0])
+    assert without[1].shape == (N, 0) and with_lpj[1].shape == (N, settings.S)
+    assert without[2] == with_lpj[2] > 0

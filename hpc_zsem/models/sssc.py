@@ -176,7 +176,8 @@ class SSSC:
         stats["yy"] = np.array(np.einsum("nd,nd->", Y, Y))
         stats["free_energy"] = np.array(log_norm.sum())
         stats["N"] = np.array(float(Y.shape[0]))
-        new_K, _, accepted = evolve(K, lpj, self.H, self.evolution, _expected_active(params), scorer, rng)
+        new_K, _, accepted = evolve(K, lpj, self.H, self.evolution, _expected_active(params), scorer, rng,
+                                    want_lpj=False)
         stats["accepted"] = np.array(float(accepted))
         return new_K, stats
 

@@ -132,9 +132,11 @@ def _stack(arrays: list[np.ndarray], N: int, dtype, ndim: int) -> np.ndarray:
 
 
 def evolve(K: np.ndarray, lpj: np.ndarray | None, H: int, settings: EvolutionSettings, expected_active: float,
-           scorer: Scorer, rng, generations: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+           scorer: Scorer, rng, generations: int | None = None,
+           want_lpj: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
     """One evolutionary E-step for a block: (K (N, C₀, W) packed, its log-joints (N, C₀) or None to score them
-    here) → (the S best distinct states (N, S, W), their log-joints, how many come from beyond the first S).
+    here) → (the S best distinct states (N, S, W), their log-joints (an (N, 0) array without ``want_lpj``: a
+    training E-step rescores its states under the next Θ), how many come from beyond the first S).
     ``generations = 0`` only scores and keeps the S best distinct of K (no random numbers are drawn)."""
     N, C0, _ = K.shape
     G = settings.generations if generations is None else generations
@@ -142,5 +144,5 @@ def evolve(K: np.ndarray, lpj: np.ndarray | None, H: int, settings: EvolutionSet
     new_K, new_lpj, accepted = search(K, lpj, int(settings.parents), int(settings.children), int(G),
                                       SELECTIONS.index(settings.selection), MUTATIONS.index(settings.mutation),
                                       bool(settings.crossover), float(expected_active), int(H), draws, *scorer,
-                                      int(settings.S))
+                                      int(settings.S), want_lpj)
     return new_K, new_lpj, int(accepted.sum())

@@ -28,7 +28,9 @@ order, so results do not depend on the thread count. The random numbers are draw
 before the search (``hpc_zsem.variational.evolution``) in the order and shapes the numpy E-step used — those of a
 ``PatchRandom`` bit for bit by ``counter_numbers`` — so the truncated sets are exactly those of that E-step.
 Orders (parent selection, the S best) come from rank counting (``_top_ranked``), not sorting; duplicates are found
-by 64-bit fingerprints in a small open-addressing table (``_deduplicate``).
+by 64-bit fingerprints in a small open-addressing table (``_deduplicate``). Memory latency is hidden by prefetching
+(``_prefetch``): each candidate's table row as soon as its first two units are known, and the next patch's row
+of B while this patch is worked on.
 """
 from __future__ import annotations
 
@@ -81,6 +83,31 @@ def _bits_float(typingctx, x):
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.DoubleType())
     return types.float64(types.int64), codegen
+
+
+@intrinsic
+def _prefetch(typingctx, array, index):
+    """Ask the cache for the line holding array.flat[index] (llvm.prefetch: read, keep in all levels), without
+    waiting for it: the loads that follow later find it there instead of stalling on a miss."""
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        address = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32]),
+            "llvm.prefetch." + ("p0" if getattr(address.type, "is_opaque", False) else "p0i8"))  # LLVM ≥ 15 / 14
+        builder.call(prefetch, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return types.void(array, types.int64), codegen
+
+
+@njit(**INLINE)
+def _prefetch_row(array, row):
+    """Prefetch the row array[row] of a C-contiguous 2-D array, every 64-byte line of it."""
+    width = array.shape[1]
+    for i in range(0, width, 8):
+        _prefetch(array, row * width + i)
+    _prefetch(array, row * width + width - 1)
 
 
 @intrinsic
@@ -545,9 +572,10 @@ def _score(theta, B, n, tail, cand, rows, count, lpj, units, ks, moments, scratc
     b = B[n]
     for i in range(count):          # every state's k and first two units, then the k ≤ 2 form for all of them:
         c = rows[i]                 # branch-free, the table rows' loads overlap (at H = 256 the table is not
-        k, h, l = _first_two(cand, c)   # in L2: 12–16 % faster there than one loop with a branch on k)
-        ks[c] = k
+        k, h, l = _first_two(cand, c)   # in L2: 12–16 % faster there than one loop with a branch on k), and the
+        ks[c] = k                   # rows are prefetched (the children's random rows at H = 256: −10 % search)
         units[0, c], units[1, c] = h, l
+        _prefetch_row(pairs, _pair_row(h, l, H) if k > 0 else empty)
     for i in range(count):
         c = rows[i]
         h, l = units[0, c], units[1, c]
@@ -766,6 +794,8 @@ def posterior_parts(theta, B, tails, K, want, first, last, lpj, log_norm, mean_s
         sums[part] = 0.0
         pair_sums[part] = 0.0
         for n in range(part * N // P, (part + 1) * N // P):
+            if n + 1 < N:                       # the next patch's b (−2…−6 % of the posterior and of the search)
+                _prefetch_row(B, n + 1)
             _score(theta, B, n, tails[n], K[n], rows, S, values, units, ks, moments, scratch, want >= 1, kept)
             top = -np.inf
             for s in range(S):
@@ -1007,19 +1037,27 @@ def _deduplicate(cand, first, last, prints, rep, todo, table):
 
 @njit(**JIT)
 def _keep_best(cand, lpj, rep, count, C0, n, ranking, members, slots, new_K, new_lpj):
-    """new_K[n], new_lpj[n] = the S best distinct of the count candidates (the first C0 of them the parents),
-    best first, ties by index (the order of a stable sort by −log-joint), the first occurrence standing for
-    its duplicates, which follow in candidate order if fewer than S are distinct. Returns how many come from
-    beyond the first S candidates. Only the children that beat the S-th best distinct parent can enter; the
+    """new_K[n] (and new_lpj[n] if new_lpj has columns) = the S best distinct of the count candidates (the first C0
+    of them the parents), best first, ties by index (the order of a stable sort by −log-joint), the first occurrence
+    standing for its duplicates, which follow in candidate order if fewer than S are distinct. Returns how many come
+    from beyond the first S candidates. Only the children that beat the S-th best distinct parent can enter; the
     distinct parents and these entrants, in candidate order, are ranked (``_top_ranked``) — not at all when
     no child enters and the parents are in order already (as in most frozen-Θ steps)."""
     S = new_K.shape[1]
     codes = ranking[0]
     parents = 0
-    for i in range(C0):                               # (branch-free: a slot is written, kept if distinct)
-        codes[parents] = _order_code(lpj[i])
-        members[parents] = i
+    for i in range(C0):
         parents += rep[i] == i
+    if parents == C0:                                 # all distinct (the rule): vectorised
+        for i in range(C0):
+            codes[i] = _order_code(lpj[i])
+            members[i] = i
+    else:
+        parents = 0
+        for i in range(C0):                           # (branch-free: a slot is written, kept if distinct)
+            codes[parents] = _order_code(lpj[i])
+            members[parents] = i
+            parents += rep[i] == i
     in_order = True
     for i in range(1, parents):
         in_order &= codes[i - 1] >= codes[i]
@@ -1056,9 +1094,10 @@ def _keep_best(cand, lpj, rep, count, C0, n, ranking, members, slots, new_K, new
                 r += 1
     accepted = 0
     for r in range(S):
-        c = slots[r]
-        accepted += c >= S
-        new_lpj[n, r] = lpj[c]
+        accepted += slots[r] >= S
+    if new_lpj.shape[1] > 0:
+        for r in range(S):
+            new_lpj[n, r] = lpj[slots[r]]
     for r in range(S):
         for w in range(cand.shape[1]):
             new_K[n, r, w] = cand[slots[r], w]
@@ -1214,6 +1253,8 @@ def evolve_range(first, last, K, lpj_K, known, n_parents, n_children, generation
     extend = (theta[0].shape[0] == 1) and (mutation == 0) and not (crossover and n_parents >= 2)
     flat = cand.reshape(-1)
     for n in range(first, last):
+        if n + 1 < B.shape[0]:
+            _prefetch_row(B, n + 1)
         states = K[n].reshape(-1)
         for j in range(C0 * W):                       # (as one flat loop: 3× faster than rows of W words)
             flat[j] = states[j]
@@ -1385,9 +1426,9 @@ def _mirror_upper(M):
 
 
 def search(K, lpj, n_parents: int, n_children: int, generations: int, rule: int, mutation: int, crossover: bool,
-           rho: float, H: int, draws, theta, B, tails, S: int):
+           rho: float, H: int, draws, theta, B, tails, S: int, want_lpj: bool = True):
     """``evolve_range`` over all patches of a block (split among the threads): (the S best distinct states
-    (N, S, W), their log-joints, the number of accepted states per patch)."""
+    (N, S, W), their log-joints (N, S), or (N, 0) without ``want_lpj``, the number of accepted states per patch)."""
     N, C0, W = K.shape
     C, population = C0, C0
     for _ in range(generations):
@@ -1396,7 +1437,8 @@ def search(K, lpj, n_parents: int, n_children: int, generations: int, rule: int,
     known = lpj is not None
     K = np.ascontiguousarray(K, dtype=np.uint64)
     lpj = np.ascontiguousarray(lpj if known else np.empty((N, 0)), dtype=np.float64)
-    new_K, new_lpj, accepted = np.empty((N, S, W), dtype=np.uint64), np.empty((N, S)), np.empty(N, dtype=np.int64)
+    new_K, new_lpj = np.empty((N, S, W), dtype=np.uint64), np.empty((N, S if want_lpj else 0))
+    accepted = np.empty(N, dtype=np.int64)
     P = max(n_parents, 1)
 
     def work(first, last):
