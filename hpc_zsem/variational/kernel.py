@@ -543,6 +543,9 @@ def _candidates(C, W, H):
             np.empty(C, dtype=np.int64), np.empty((H, C)))
 
 
+PREFETCH_TABLE_BYTES = 1 << 19   # _score prefetches the table rows of a larger k ≤ 2 table (H ≥ 148): at H = 256
+# (1.6 MB, beyond this core's 1 MB L2) the search −10 %, the posterior −8 %; a table that L2 holds (H = 64: 0.1 MB,
+# H = 128: 0.4 MB) gains nothing from it (−2 … +3.5 % in repeated runs), so it is spared the prefetches' work
 KEPT_MAX = 8        # the posterior keeps the eliminations of states with k − 2 ≤ KEPT_MAX bordering units
 
 
@@ -569,13 +572,15 @@ def _score(theta, B, n, tail, cand, rows, count, lpj, units, ks, moments, scratc
     H = unit.shape[0]
     empty = H * (H + 1) // 2
     diagonal = psi.shape[0] == 1
+    far = pairs.size * 8 > PREFETCH_TABLE_BYTES
     b = B[n]
     for i in range(count):          # every state's k and first two units, then the k ≤ 2 form for all of them:
         c = rows[i]                 # branch-free, the table rows' loads overlap (at H = 256 the table is not
-        k, h, l = _first_two(cand, c)   # in L2: 12–16 % faster there than one loop with a branch on k), and the
-        ks[c] = k                   # rows are prefetched (the children's random rows at H = 256: −10 % search)
+        k, h, l = _first_two(cand, c)   # in L2: 12–16 % faster there than one loop with a branch on k), and a
+        ks[c] = k                   # large table's rows are prefetched (``PREFETCH_TABLE_BYTES``)
         units[0, c], units[1, c] = h, l
-        _prefetch_row(pairs, _pair_row(h, l, H) if k > 0 else empty)
+        if far:
+            _prefetch_row(pairs, _pair_row(h, l, H) if k > 0 else empty)
     for i in range(count):
         c = rows[i]
         h, l = units[0, c], units[1, c]
