@@ -29,8 +29,8 @@ before the search (``hpc_zsem.variational.evolution``) in the order and shapes t
 ``PatchRandom`` bit for bit by ``counter_numbers`` — so the truncated sets are exactly those of that E-step.
 Orders (parent selection, the S best) come from rank counting (``_top_ranked``), not sorting; duplicates are found
 by 64-bit fingerprints in a small open-addressing table (``_deduplicate``). Memory latency is hidden by prefetching
-(``_prefetch``): each candidate's table row as soon as its first two units are known, and the next patch's row
-of B while this patch is worked on.
+(``_prefetch``): each candidate's table row as soon as its first two units are known (for a table beyond L2's share,
+``PREFETCH_TABLE_BYTES``), and the next patch's row of B while this patch is worked on.
 """
 from __future__ import annotations
 
