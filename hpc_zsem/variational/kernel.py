@@ -572,7 +572,7 @@ def _score(theta, B, n, tail, cand, rows, count, lpj, units, ks, moments, scratc
     H = unit.shape[0]
     empty = H * (H + 1) // 2
     diagonal = psi.shape[0] == 1
-    far = pairs.size * 8 > PREFETCH_TABLE_BYTES
+    far = pairs.nbytes > PREFETCH_TABLE_BYTES
     b = B[n]
     for i in range(count):          # every state's k and first two units, then the k ≤ 2 form for all of them:
         c = rows[i]                 # branch-free, the table rows' loads overlap (at H = 256 the table is not
@@ -1051,16 +1051,14 @@ def _keep_best(cand, lpj, rep, count, C0, n, ranking, members, slots, new_K, new
     S = new_K.shape[1]
     codes = ranking[0]
     parents = 0
-    for i in range(C0):
+    for i in range(C0):                               # (vectorised)
+        codes[i] = _order_code(lpj[i])
+        members[i] = i
         parents += rep[i] == i
-    if parents == C0:                                 # all distinct (the rule): vectorised
-        for i in range(C0):
-            codes[i] = _order_code(lpj[i])
-            members[i] = i
-    else:
+    if parents < C0:                                  # duplicates (rare): keep the distinct ones' codes, in order
         parents = 0
         for i in range(C0):                           # (branch-free: a slot is written, kept if distinct)
-            codes[parents] = _order_code(lpj[i])
+            codes[parents] = codes[i]
             members[parents] = i
             parents += rep[i] == i
     in_order = True
