@@ -106,7 +106,7 @@ def _prefetch(typingctx, array, index):
 def _index(typingctx, x):
     """The int64 x ≥ 0, declared non-negative to the compiler (``llvm.assume``; no instruction). numba wraps every
     signed index that might be negative (i < 0 → i + n: three instructions and a register per access; in the hot
-    loops about as many as the arithmetic itself, 15–20 % of the posterior's and the search's time); an index that
+    loops about as many as the arithmetic itself, 12–20 % of the posterior's and the search's time); an index that
     went through here compiles to a plain access. Used on the indices of the hot loops that come from arguments,
     index arrays or arithmetic the compiler cannot bound, and on the variable of a loop over range(a, b) with a
     not a constant (``for c in range(start, end): c = _index(c)``: the start's sign is not carried through the
