@@ -155,13 +155,16 @@ def test_duplicates_among_candidates_keep_the_first_and_fill_up():
 
 
 def test_map_in_order_runs_whole_items_on_the_threads_and_keeps_their_order():
-    """With 2 threads and ≥ ITEMS_PER_THREAD·2 items, items run concurrently (on pool threads), each one's
-    kernels unsplit; with fewer items, one after another with the kernels split; results always in order."""
+    """With 2 threads and ≥ ITEMS_PER_THREAD·2 items, items run concurrently on the calling thread and a pool
+    thread, each one's kernels unsplit; with fewer items, one after another with the kernels split; results
+    always in order."""
     import threading
+    import time
 
     def item(i):
         ranges = []
         kernel.run_split(lambda first, last: ranges.append((first, last)), 10)
+        time.sleep(0.01 * (i % 3))       # (releases the GIL: the other thread takes the next items meanwhile)
         return i, threading.current_thread().name, sorted(ranges)
 
     many = list(range(kernel.ITEMS_PER_THREAD * 2 + 3))
@@ -172,9 +175,37 @@ def test_map_in_order_runs_whole_items_on_the_threads_and_keeps_their_order():
     finally:
         kernel.set_threads(1)
     assert [i for i, _, _ in concurrent] == many
-    assert all(name.startswith("hpc_zsem-kernel") and ranges == [(0, 10)] for _, name, ranges in concurrent)
+    assert {name for _, name, _ in concurrent} == {threading.main_thread().name, "hpc_zsem-kernel_0"}
+    assert all(ranges == [(0, 10)] for _, _, ranges in concurrent)
     assert [i for i, _, _ in one_by_one] == [0, 1, 2]
     assert all(ranges == [(0, 5), (5, 10)] for _, _, ranges in one_by_one)
+
+
+def test_map_in_order_raises_an_items_error_in_order_and_stops_taking_items():
+    """An item that raises: the results before it are yielded, its error is raised where its result would be,
+    and no item is started after the failure (both threads stop; one item per thread may be running)."""
+    import time
+
+    started = []
+
+    def item(i):
+        started.append(i)
+        if i == 5:
+            raise ValueError("item 5")
+        time.sleep(0.02)
+        return i
+
+    many = list(range(kernel.ITEMS_PER_THREAD * 2 + 20))
+    yielded = []
+    try:
+        kernel.set_threads(2)
+        with pytest.raises(ValueError, match="item 5"):
+            for result in kernel.map_in_order(item, many):
+                yielded.append(result)
+    finally:
+        kernel.set_threads(1)
+    assert yielded == [0, 1, 2, 3, 4]
+    assert max(started) <= 5 + 2
 
 
 def test_hpc_zsem_run_gives_the_same_image_on_one_and_two_threads(tmp_path):
