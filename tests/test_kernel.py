@@ -208,6 +208,30 @@ def test_map_in_order_raises_an_items_error_in_order_and_stops_taking_items():
     assert max(started) <= 5 + 2
 
 
+def test_map_in_order_stops_its_threads_when_the_caller_stops_iterating():
+    """A caller that stops early (closes the iterator): the threads finish the items they run and take no more
+    (the caller may have run one item ahead of the result it waited for, and a pool thread one more)."""
+    import time
+
+    started = []
+
+    def item(i):
+        started.append(i)
+        time.sleep(0.01)
+        return i
+
+    try:
+        kernel.set_threads(2)
+        results = kernel.map_in_order(item, list(range(kernel.ITEMS_PER_THREAD * 2 + 20)))
+        assert [next(results), next(results)] == [0, 1]
+        results.close()
+        count = len(started)
+        time.sleep(0.05)
+    finally:
+        kernel.set_threads(1)
+    assert len(started) == count <= 2 + 2 * 2       # the two yielded, and at most two more per thread
+
+
 def test_hpc_zsem_run_gives_the_same_image_on_one_and_two_threads(tmp_path):
     from conftest import run_cli
     from hpc_zsem.io.results import read_result

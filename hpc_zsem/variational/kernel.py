@@ -1395,18 +1395,22 @@ def _concurrently(work: Callable, items: Sequence) -> Iterator:
     next result is not ready. No hand-off between threads inside an item (the blocks of an epoch; with a hand-off
     per kernel call 2 threads ran an epoch of 1,024-patch blocks 1.2–1.6× faster than one, whole blocks
     1.85–2.0×), and the caller works instead of waking for every result (as a pool of n threads with an idle
-    caller: 140–200 involuntary context switches per epoch, 2 threads 1.73–1.84× faster than one; now 3–4 and
-    1.85–1.90×). An item that raises stops the taking; its error is raised where its result would be yielded."""
+    caller: 140–200 involuntary context switches per epoch, 2 threads 1.76–1.79× faster than one at H = 64; now
+    3–4 and 1.89–1.99×). An item that raises stops the taking; its error is raised where its result would be
+    yielded."""
     taken = itertools.count()            # next() is atomic: each index is taken by one thread
     done: dict[int, tuple[bool, object]] = {}
     finished = threading.Condition()
     failed = False
 
     def run_next() -> bool:
-        """Run the next item not yet taken (its kernels unsplit); False if none is left or it failed."""
+        """Run the next item not yet taken (its kernels unsplit); False if none is left, or after a failure (an
+        item taken is always run: the caller waits for every item before a failed one)."""
         nonlocal failed
+        if failed:
+            return False
         i = next(taken)
-        if failed or i >= len(items):
+        if i >= len(items):
             return False
         _on_this_thread.only = True
         try:
